@@ -1,0 +1,1 @@
+"""Thin aiohttp handlers: parse -> manager/engine -> serialize."""

@@ -1,0 +1,81 @@
+"""Liveness and metrics: never rate limited, never behind the API key."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..manager import ModelState
+from ..metrics import CONTENT_TYPE, LiveModel, LiveReading
+from .common import CONFIG, ENGINE, MANAGER, METRICS, REAPER, STARTED, rfc3339
+
+
+async def health(request: web.Request) -> web.Response:
+    """`ok` unless the engine died or a model failed; host memory pressure is only reported."""
+    app = request.app
+    engine, manager, reaper = app[ENGINE], app[MANAGER], app[REAPER]
+    models: list[dict[str, Any]] = []
+    for s in manager.snapshot():
+        entry: dict[str, Any] = {
+            "name": s.name,
+            "state": str(s.state),
+            "active_requests": s.active_requests,
+            "queued": s.queued,
+            "size": s.size,
+            "pinned": s.pinned,
+            "expires_at": rfc3339(s.expires_at) if s.expires_at is not None else None,
+            "last_used": rfc3339(s.last_used) if s.last_used else None,
+        }
+        if s.error:
+            entry["error"] = s.error
+        models.append(entry)
+    host = reaper.read()
+    stats = engine.stats
+    degraded = not engine.alive or any(m["state"] == ModelState.FAILED for m in models)
+    body = {
+        "status": "degraded" if degraded else "ok",
+        "version": __version__,
+        "uptime_seconds": round(time.monotonic() - app[STARTED], 3),
+        "engine": {"alive": engine.alive, **({"error": engine.dead_reason} if engine.dead_reason else {})},
+        "models": models,
+        "memory": {
+            "total_bytes": host.total,
+            "available_bytes": host.available,
+            "used_fraction": round(host.used_fraction, 4),
+            "pressure": reaper.pressure,
+            "budget_bytes": manager.budget,
+            "resident_bytes": manager.resident_bytes(),
+            "mlx_active_bytes": stats.active_memory,
+            "mlx_cache_bytes": stats.cache_memory,
+        },
+        "queue_depth": manager.queue_depth(),
+    }
+    return web.json_response(body)
+
+
+def live_reading(app: web.Application) -> LiveReading:
+    """What the gauges show at scrape time."""
+    manager, engine = app[MANAGER], app[ENGINE]
+    return LiveReading(
+        models=[
+            LiveModel(s.name, s.state is ModelState.READY, s.size if s.state is ModelState.READY else 0, s.active_requests)
+            for s in manager.snapshot()
+        ],
+        queue_depth=manager.queue_depth(),
+        system_available_bytes=app[REAPER].read().available,
+        mlx_active_bytes=engine.stats.active_memory,
+        mlx_cache_bytes=engine.stats.cache_memory,
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,774 @@
+"""The one thread that owns every MLX call: load, unload, prefill, decode, embed.
+
+MLX streams are thread-local and Metal is not safe to drive from several threads,
+so everything that touches `mlx` runs here. Handlers talk to the thread through a
+`queue.SimpleQueue` of commands and get results back on their asyncio loop.
+
+One loop iteration: take new commands, evaluate one time-boxed chunk of a loading
+model's weights, then give every resident model with work one step (round-robin),
+so no model starves and no load stalls another model's streams for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_reduce
+from mlx_lm.generate import BatchGenerator, generate_step
+from mlx_lm.models.cache import (
+    LRUPromptCache,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    categorical_sampling,
+    greedy_sampler,
+    make_logits_processors,
+)
+from mlx_lm.utils import get_total_parameters, load_model
+
+from .errors import EngineDead, GenerationFailed, MlxServerError
+
+log = logging.getLogger("mlx_server.engine")
+
+LOAD_SLICE_SECONDS = 0.002  # longest a load may hold the thread between decode steps
+PREFILL_STEP = 1024
+EMBED_BATCH = 16
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+# --- what handlers send in -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    model: str
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    # Built on the engine thread (it may create MLX arrays), e.g. constrained decoding.
+    logits_processor: Callable[[], LogitsProcessor] | None = None
+
+
+# --- what comes back -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TextEvent:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class DoneEvent:
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    output_tokens: tuple[int, ...]
+    prompt_seconds: float  # submit -> first token
+    decode_seconds: float  # first token -> done
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    error: MlxServerError
+
+
+Event = TextEvent | DoneEvent | ErrorEvent
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedWeights:
+    nbytes: int
+    parameters: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    weights_bytes: int
+    prompt_cache_bytes: int
+    sequences: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    active_memory: int = 0
+    cache_memory: int = 0
+    peak_memory: int = 0
+    models: dict[str, ModelStats] = field(default_factory=dict)
+
+
+class GenerationJob:
+    """One generation: the engine writes events, the handler reads them.
+
+    The handler must call `cancel()` when it stops reading (in a `finally`); the
+    engine drops the sequence at its next step.
+    """
+
+    __slots__ = ("request", "loop", "queue", "cancelled", "submitted_at")
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.submitted_at = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def events(self):
+        while True:
+            event = await self.queue.get()
+            yield event
+            if not isinstance(event, TextEvent):
+                return
+
+
+# --- engine-thread state -----------------------------------------------------------
+
+
+class _StopMatcher:
+    """Finds stop strings in streamed text, holding back what may start one."""
+
+    __slots__ = ("stops", "held")
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.held = ""
+            return buf[: min(found)], True
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buf)), keep, -1):
+                if buf.endswith(stop[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+@dataclass(slots=True)
+class _Sequence:
+    job: GenerationJob
+    detokenizer: Any
+    stops: _StopMatcher
+    prompt: list[int]
+    cached: int
+    uid: int | None = None  # its place in the model's BatchGenerator
+    stream: Iterator | None = None  # or its own generate_step, for requests batching cannot serve
+    cache: list | None = None  # the single stream's KV cache, kept for the prompt cache
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+
+@dataclass(slots=True)
+class _Resident:
+    name: str
+    model: Any
+    tokenizer: Any
+    weights_bytes: int
+    batchable: bool
+    batch_size: int
+    prompt_cache: LRUPromptCache
+    batch: BatchGenerator | None = None
+    in_batch: dict[int, _Sequence] = field(default_factory=dict)
+    single: list[_Sequence] = field(default_factory=list)
+
+    def busy(self) -> bool:
+        return bool(self.in_batch or self.single)
+
+
+@dataclass(slots=True)
+class _Loading:
+    name: str
+    path: Path
+    tokenizer: Any
+    batch_size: int
+    prompt_cache_bytes: int
+    done: Future
+    model: Any = None
+    pending: list[mx.array] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Command:
+    kind: str
+    payload: Any = None
+    done: Future | None = None
+
+
+def _seeded_categorical(seed: int, temperature: float):
+    key = mx.random.key(seed % (1 << 64))
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1 / temperature), key=sub)
+
+    return sample
+
+
+@lru_cache(maxsize=256)
+def _shared_sampler(temperature: float, top_p: float, top_k: int, min_p: float):
+    """Unseeded samplers are shared, so a batch of equal settings samples in one call."""
+    return _make_sampler(temperature, top_p, top_k, min_p, None)
+
+
+def _make_sampler(temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None):
+    if temperature == 0:
+        return greedy_sampler
+    filters = []
+    if 0 < top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p > 0:
+        filters.append(lambda x: apply_min_p(x, min_p, 1))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+    draw = (
+        (lambda x: categorical_sampling(x, temperature))
+        if seed is None
+        else _seeded_categorical(seed, temperature)
+    )
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        for keep in filters:
+            logprobs = keep(logprobs)
+        return draw(logprobs)
+
+    return sampler
+
+
+def _sampler_for(p: SamplingParams):
+    if p.seed is None:
+        return _shared_sampler(p.temperature, p.top_p, p.top_k, p.min_p)
+    return _make_sampler(p.temperature, p.top_p, p.top_k, p.min_p, p.seed)
+
+
+def _logits_processors(request: GenerationRequest) -> list[LogitsProcessor]:
+    p = request.sampling
+    window = p.repeat_last_n if p.repeat_last_n >= 0 else len(request.prompt)
+    processors = []
+    if window > 0:
+        processors = make_logits_processors(
+            None,
+            p.repeat_penalty if p.repeat_penalty != 1.0 else None,
+            window,
+            p.presence_penalty or None,
+            window,
+            p.frequency_penalty or None,
+            window,
+        )
+    if request.logits_processor is not None:
+        processors.append(request.logits_processor())
+    return processors
+
+
+def _nbytes(tree: Any) -> int:
+    return tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, tree, 0)
+
+
+class Engine:
+    """Owns the MLX thread. Every public method is called from the event loop."""
+
+    def __init__(self, *, load_slice_seconds: float = LOAD_SLICE_SECONDS):
+        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._load_slice = load_slice_seconds
+        self._residents: dict[str, _Resident] = {}
+        self._loads: list[_Loading] = []
+        self._stopping = False
+        self._emit_batch: list[tuple[GenerationJob, Event]] = []
+        self.dead_reason: str | None = None
+        self.stats = EngineStats()
+        self.device_info: dict[str, Any] = {}
+        self._started = threading.Event()
+
+    # -- event-loop side ------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait()
+
+    async def stop(self) -> None:
+        """Unload everything and end the thread (its last act frees MLX memory)."""
+        if not self._thread.is_alive():
+            return
+        await asyncio.wrap_future(self._submit("stop"))
+        await asyncio.to_thread(self._thread.join)
+
+    @property
+    def alive(self) -> bool:
+        return self.dead_reason is None and self._thread.is_alive()
+
+    def _submit(self, kind: str, payload: Any = None) -> Future:
+        done: Future = Future()
+        if not self.alive:
+            done.set_exception(EngineDead(self.dead_reason or "not running"))
+            return done
+        self._inbox.put(_Command(kind, payload, done))
+        return done
+
+    async def load(self, name: str, path: Path, tokenizer: Any, *, batch_size: int, prompt_cache_bytes: int) -> LoadedWeights:
+        """Load a model's weights (lazily, then evaluated in slices between decode steps)."""
+        done: Future = Future()
+        loading = _Loading(name, Path(path), tokenizer, batch_size, prompt_cache_bytes, done)
+        if not self.alive:
+            raise EngineDead(self.dead_reason or "not running")
+        self._inbox.put(_Command("load", loading, done))
+        return await asyncio.wrap_future(done)
+
+    async def unload(self, name: str) -> int:
+        """Drop a model and everything that refers to it; returns the bytes MLX freed."""
+        return await asyncio.wrap_future(self._submit("unload", name))
+
+    async def embed(self, name: str, inputs: list[list[int]]) -> list[list[float]]:
+        return await asyncio.wrap_future(self._submit("embed", (name, inputs)))
+
+    def generate(self, request: GenerationRequest) -> GenerationJob:
+        job = GenerationJob(request, asyncio.get_running_loop())
+        if not self.alive:
+            raise EngineDead(self.dead_reason or "not running")
+        self._inbox.put(_Command("generate", job))
+        return job
+
+    # -- engine thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.device_info = dict(mx.device_info())
+            limit = self.device_info.get("max_recommended_working_set_size")
+            if limit and mx.metal.is_available():
+                mx.set_wired_limit(limit)
+            self._started.set()
+            while not self._stopping:
+                self._take_commands()
+                self._advance_loads()
+                for resident in list(self._residents.values()):
+                    if resident.busy():
+                        self._step(resident)
+                self._flush_events()
+                self._publish_stats()
+        except BaseException as e:  # the thread must never die silently
+            log.exception("engine thread died")
+            self._die(f"{type(e).__name__}: {e}")
+        finally:
+            self._started.set()
+
+    def _busy(self) -> bool:
+        return bool(self._loads) or any(r.busy() for r in self._residents.values())
+
+    def _take_commands(self) -> None:
+        block = not self._busy()
+        while True:
+            try:
+                command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            self._handle(command)
+
+    def _handle(self, command: _Command) -> None:
+        if command.kind == "generate":
+            self._insert(command.payload)
+            return
+        if command.kind == "load":
+            self._start_load(command.payload)
+            return
+        try:
+            if command.kind == "unload":
+                result = self._unload(command.payload)
+            elif command.kind == "embed":
+                result = self._embed(*command.payload)
+            elif command.kind == "stop":
+                for name in list(self._residents):
+                    self._unload(name)
+                for loading in self._loads:
+                    _fail(loading.done, EngineDead("shutting down"))
+                self._loads.clear()
+                self._stopping = True
+                result = None
+            else:
+                raise ValueError(f"unknown engine command {command.kind!r}")
+        except BaseException as e:
+            _fail(command.done, e)
+        else:
+            _resolve(command.done, result)
+
+    # loading: lazy load, then evaluate the weights in time-boxed slices
+
+    def _start_load(self, loading: _Loading) -> None:
+        try:
+            if loading.name in self._residents:
+                raise RuntimeError(f"model '{loading.name}' is already loaded")
+            loading.model, _ = load_model(loading.path, lazy=True)
+            loading.pending = [a for _, a in tree_flatten(loading.model.parameters())]
+            loading.pending.reverse()
+        except BaseException as e:
+            _fail(loading.done, e)
+            return
+        self._loads.append(loading)
+
+    def _advance_loads(self) -> None:
+        if not self._loads:
+            return
+        loading = self._loads[0]
+        deadline = time.perf_counter() + self._load_slice
+        try:
+            while loading.pending and time.perf_counter() < deadline:
+                mx.eval(loading.pending.pop())
+            if loading.pending:
+                return
+            self._loads.pop(0)
+            model = loading.model
+            cache = make_prompt_cache(model)
+            resident = _Resident(
+                name=loading.name,
+                model=model,
+                tokenizer=loading.tokenizer,
+                weights_bytes=_nbytes(model.parameters()),
+                batchable=all(hasattr(c, "merge") for c in cache),
+                batch_size=loading.batch_size,
+                prompt_cache=LRUPromptCache(max_size=256, max_bytes=loading.prompt_cache_bytes),
+            )
+            del cache
+            self._residents[loading.name] = resident
+            _resolve(loading.done, LoadedWeights(resident.weights_bytes, get_total_parameters(model)))
+        except BaseException as e:
+            self._loads.remove(loading)
+            loading.model = None
+            loading.pending.clear()
+            gc.collect()
+            mx.clear_cache()
+            _fail(loading.done, e)
+
+    def _unload(self, name: str) -> int:
+        before = mx.get_active_memory()
+        for loading in [l for l in self._loads if l.name == name]:
+            self._loads.remove(loading)
+            _fail(loading.done, RuntimeError(f"model '{name}' was unloaded while loading"))
+        resident = self._residents.pop(name, None)
+        if resident is not None:
+            for seq in [*resident.in_batch.values(), *resident.single]:
+                self._emit(seq.job, ErrorEvent(GenerationFailed(f"model '{name}' was unloaded")))
+            self._flush_events()
+            if resident.batch is not None:
+                resident.batch.close()
+            resident.in_batch.clear()
+            resident.single.clear()
+            resident.batch = None
+            resident.model = None
+            resident.prompt_cache = None
+            del resident
+        gc.collect()
+        mx.clear_cache()
+        return max(0, before - mx.get_active_memory())
+
+    # generation
+
+    def _insert(self, job: GenerationJob) -> None:
+        request = job.request
+        resident = self._residents.get(request.model)
+        if job.cancelled.is_set():
+            return
+        if resident is None:
+            self._emit(job, ErrorEvent(GenerationFailed(f"model '{request.model}' is not loaded")))
+            return
+        try:
+            prompt = list(request.prompt)
+            cache, rest = resident.prompt_cache.fetch_nearest_cache(resident.name, prompt)
+            if cache is not None and not rest:
+                if can_trim_prompt_cache(cache):
+                    trim_prompt_cache(cache, 1)
+                    rest = prompt[-1:]
+                else:
+                    cache, rest = None, prompt
+            seq = _Sequence(
+                job=job,
+                detokenizer=resident.tokenizer.detokenizer,
+                stops=_StopMatcher(request.stop),
+                prompt=prompt,
+                cached=len(prompt) - len(rest),
+            )
+            sampler = _sampler_for(request.sampling)
+            processors = _logits_processors(request)
+            if resident.batchable and request.sampling.seed is None:
+                batch = resident.batch or self._new_batch(resident)
+                (seq.uid,) = batch.insert(
+                    [rest],
+                    max_tokens=[request.max_tokens],
+                    caches=[cache],
+                    all_tokens=[prompt[: seq.cached]],
+                    samplers=[sampler],
+                    logits_processors=[processors],
+                )
+                resident.in_batch[seq.uid] = seq
+            else:
+                seq.cache = cache if cache is not None else make_prompt_cache(resident.model)
+                seq.stream = generate_step(
+                    mx.array(rest),
+                    resident.model,
+                    max_tokens=request.max_tokens,
+                    sampler=sampler,
+                    logits_processors=processors or None,
+                    prompt_cache=seq.cache,
+                    prefill_step_size=PREFILL_STEP,
+                )
+                resident.single.append(seq)
+        except Exception as e:
+            log.exception("could not start generation on '%s'", request.model)
+            self._emit(job, ErrorEvent(GenerationFailed(f"generation failed: {type(e).__name__}: {e}")))
+
+    def _new_batch(self, resident: _Resident) -> BatchGenerator:
+        resident.batch = BatchGenerator(
+            resident.model,
+            stop_tokens=[[t] for t in resident.tokenizer.eos_token_ids],
+            completion_batch_size=max(32, resident.batch_size),
+            prefill_batch_size=8,
+            prefill_step_size=PREFILL_STEP,
+        )
+        return resident.batch
+
+    def _step(self, resident: _Resident) -> None:
+        cancelled = [uid for uid, s in resident.in_batch.items() if s.job.cancelled.is_set()]
+        if cancelled:
+            resident.batch.remove(cancelled)
+            for uid in cancelled:
+                del resident.in_batch[uid]
+        if resident.in_batch:
+            try:
+                _, responses = resident.batch.next()
+            except Exception as e:  # MLX error or MemoryError: fail this batch, keep serving
+                self._fail_batch(resident, e)
+            else:
+                for r in responses:
+                    seq = resident.in_batch.get(r.uid)
+                    if seq is None:
+                        continue
+                    if self._on_token(resident, seq, r.token, r.finish_reason):
+                        self._finish_batched(resident, seq, r)
+        for seq in list(resident.single):
+            self._step_single(resident, seq)
+
+    def _step_single(self, resident: _Resident, seq: _Sequence) -> None:
+        if seq.job.cancelled.is_set():
+            resident.single.remove(seq)
+            return
+        try:
+            token, _ = next(seq.stream)
+        except StopIteration:
+            token = None
+        except Exception as e:
+            resident.single.remove(seq)
+            self._emit(seq.job, ErrorEvent(_generation_error(e)))
+            return
+        if token is None:
+            finished = self._finish(seq, "length")
+        else:
+            finish = None
+            if token in resident.tokenizer.eos_token_ids:
+                finish = "stop"
+            elif len(seq.tokens) + 1 >= seq.job.request.max_tokens:
+                finish = "length"
+            finished = self._on_token(resident, seq, token, finish)
+        if finished:
+            resident.single.remove(seq)
+            seq.stream.close()
+            resident.prompt_cache.insert_cache(resident.name, seq.prompt + seq.tokens, seq.cache)
+
+    def _on_token(self, resident: _Resident, seq: _Sequence, token: int, finish: str | None) -> bool:
+        """Detokenize one token and emit its text; True when the sequence is done."""
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        if finish == "stop" and token in resident.tokenizer.eos_token_ids:
+            seq.detokenizer.finalize()
+        else:
+            seq.tokens.append(token)
+            seq.detokenizer.add_token(token)
+            if finish is not None:
+                seq.detokenizer.finalize()
+        text, stopped = seq.stops.feed(seq.detokenizer.last_segment)
+        if stopped:
+            finish = "stop"
+        elif finish is not None:
+            text += seq.stops.flush()
+        if text:
+            self._emit(seq.job, TextEvent(text))
+        if finish is None:
+            return False
+        return self._finish(seq, finish)
+
+    def _finish(self, seq: _Sequence, reason: str) -> bool:
+        now = time.perf_counter()
+        first = seq.first_token_at or now
+        self._emit(
+            seq.job,
+            DoneEvent(
+                finish_reason=reason,
+                prompt_tokens=len(seq.prompt),
+                cached_tokens=seq.cached,
+                completion_tokens=len(seq.tokens),
+                output_tokens=tuple(seq.tokens),
+                prompt_seconds=first - seq.job.submitted_at,
+                decode_seconds=now - first,
+            ),
+        )
+        return True
+
+    def _finish_batched(self, resident: _Resident, seq: _Sequence, response: Any) -> None:
+        del resident.in_batch[seq.uid]
+        if response.finish_reason is None:  # ended by a stop string: still in the batch
+            caches = resident.batch.remove([seq.uid], return_prompt_caches=True)
+            cache, tokens = caches.get(seq.uid, (None, None))
+        else:
+            cache, tokens = response.prompt_cache, response.all_tokens
+        if cache is not None:
+            resident.prompt_cache.insert_cache(resident.name, list(tokens), cache)
+
+    def _fail_batch(self, resident: _Resident, error: Exception) -> None:
+        log.error("batch step on '%s' failed: %s: %s", resident.name, type(error).__name__, error)
+        for seq in resident.in_batch.values():
+            self._emit(seq.job, ErrorEvent(_generation_error(error)))
+        resident.in_batch.clear()
+        if resident.batch is not None:
+            resident.batch.close()
+        resident.batch = None
+        gc.collect()
+        mx.clear_cache()
+
+    # embeddings: mean-pooled, L2-normalised final hidden states
+
+    def _embed(self, name: str, inputs: list[list[int]]) -> list[list[float]]:
+        resident = self._residents.get(name)
+        if resident is None:
+            raise GenerationFailed(f"model '{name}' is not loaded")
+        body = getattr(resident.model, "model", None)
+        if body is None or not callable(body):
+            raise GenerationFailed(f"model '{name}' cannot produce embeddings")
+        vectors: list[list[float]] = []
+        for start in range(0, len(inputs), EMBED_BATCH):
+            chunk = inputs[start : start + EMBED_BATCH]
+            width = max(len(t) for t in chunk)
+            tokens = mx.array([t + [0] * (width - len(t)) for t in chunk])
+            lengths = mx.array([len(t) for t in chunk])[:, None]
+            hidden = body(tokens).astype(mx.float32)
+            mask = (mx.arange(width)[None, :] < lengths)[..., None]
+            pooled = (hidden * mask).sum(axis=1) / lengths
+            pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+            vectors.extend(pooled.tolist())
+        return vectors
+
+    # events and stats
+
+    def _emit(self, job: GenerationJob, event: Event) -> None:
+        self._emit_batch.append((job, event))
+
+    def _flush_events(self) -> None:
+        """Hand this step's events to their loops: one wake-up per loop per step."""
+        if not self._emit_batch:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationJob, Event]]] = {}
+        for job, event in self._emit_batch:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        self._emit_batch = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop has closed: nobody is listening
+                pass
+
+    def _publish_stats(self) -> None:
+        self.stats = EngineStats(
+            active_memory=mx.get_active_memory(),
+            cache_memory=mx.get_cache_memory(),
+            peak_memory=mx.get_peak_memory(),
+            models={
+                r.name: ModelStats(r.weights_bytes, r.prompt_cache.nbytes, len(r.in_batch) + len(r.single))
+                for r in self._residents.values()
+            },
+        )
+
+    def _die(self, reason: str) -> None:
+        self.dead_reason = reason
+        error = EngineDead(reason)
+        for resident in self._residents.values():
+            for seq in [*resident.in_batch.values(), *resident.single]:
+                self._emit(seq.job, ErrorEvent(error))
+        for loading in self._loads:
+            _fail(loading.done, error)
+        self._flush_events()
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if command.kind == "generate":
+                self._emit(command.payload, ErrorEvent(error))
+            elif command.done is not None:
+                _fail(command.done, error)
+        self._flush_events()
+
+
+def _deliver(items: list[tuple[GenerationJob, Event]]) -> None:
+    for job, event in items:
+        job.queue.put_nowait(event)
+
+
+def _resolve(done: Future | None, result: Any) -> None:
+    if done is not None and not done.done():
+        done.set_result(result)
+
+
+def _fail(done: Future | None, error: BaseException) -> None:
+    if done is not None and not done.done():
+        done.set_exception(error)
+
+
+def _generation_error(error: BaseException) -> MlxServerError:
+    if isinstance(error, MlxServerError):
+        return error
+    if isinstance(error, MemoryError):
+        return GenerationFailed("out of memory while generating")
+    return GenerationFailed(f"generation failed: {type(error).__name__}: {error}")

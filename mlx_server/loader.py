@@ -1,0 +1,53 @@
+"""The manager's Backend over the engine: files, tokenizer, then weights.
+
+Finding files (maybe downloading) and building the tokenizer are not MLX work, so
+they run in worker threads; only the weights go to the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from .config import MemoryConfig, ModelConfig
+from .engine import Engine
+from .manager import Loaded, Prepared
+from .sources import context_length, describe, locate
+
+
+class MlxBackend:
+    def __init__(self, engine: Engine, memory: MemoryConfig):
+        self._engine = engine
+        self._prompt_cache_bytes = int(memory.prompt_cache_mb * (1 << 20))
+
+    async def prepare(self, model: ModelConfig) -> Prepared:
+        local = await asyncio.to_thread(locate, model)
+        return Prepared(local.path, local.weights_bytes, local.config)
+
+    async def load(self, model: ModelConfig, prepared: Prepared) -> Loaded:
+        eos = prepared.info.get("eos_token_id")
+        try:
+            tokenizer = await asyncio.to_thread(load_tokenizer, prepared.path, eos_token_ids=eos)
+        except Exception as e:
+            raise RuntimeError(f"cannot load the tokenizer from {prepared.path}: {type(e).__name__}: {e}") from None
+        weights = await self._engine.load(
+            model.name,
+            prepared.path,
+            tokenizer,
+            batch_size=model.max_concurrency,
+            prompt_cache_bytes=self._prompt_cache_bytes,
+        )
+        return Loaded(
+            tokenizer=tokenizer,
+            size=weights.nbytes,
+            context_length=context_length(model, prepared.info),
+            details=describe(prepared.info, weights.parameters),
+        )
+
+    async def unload(self, name: str) -> int:
+        return await self._engine.unload(name)
+
+    def cache_bytes(self, name: str) -> int:
+        stats = self._engine.stats.models.get(name)
+        return stats.prompt_cache_bytes if stats else 0

@@ -1,0 +1,514 @@
+"""Residency: which models are in memory, who is using them, and what goes when.
+
+The manager is the single writer of residency. It runs on the event loop and never
+awaits in the middle of a decision, so it needs no locks: every check-then-change
+happens between two awaits. Models move through
+
+    unloaded -> loading -> ready -> unloading -> unloaded      (+ failed, with its reason)
+
+and every move goes through `_transition`. A lease (one per running request) is
+the only thing that protects a model; a model that is loading, leased or awaited
+by a request that was admitted to it is never unloaded, by anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from .config import FOREVER, Config, ModelConfig
+from .errors import (
+    InsufficientMemory,
+    LoadFailed,
+    MlxServerError,
+    ModelNotFound,
+    QueueFull,
+    ShuttingDown,
+)
+
+log = logging.getLogger("mlx_server.manager")
+
+GiB = 1 << 30
+RETRY_FAILED_AFTER = 30.0  # seconds before a failed model may be tried again
+SWEEP_INTERVAL = 0.5
+
+
+class ModelState(StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+_ALLOWED = {
+    ModelState.UNLOADED: {ModelState.LOADING},
+    ModelState.LOADING: {ModelState.READY, ModelState.FAILED, ModelState.UNLOADED},
+    ModelState.READY: {ModelState.UNLOADING},
+    ModelState.UNLOADING: {ModelState.UNLOADED},
+    ModelState.FAILED: {ModelState.LOADING},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A model's files are on disk; `size` is what loading it will take."""
+
+    path: Path
+    size: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    tokenizer: Any
+    size: int
+    context_length: int
+    details: dict[str, Any]
+
+
+class Backend(Protocol):
+    """What the manager asks of the engine side; tests pass a fake."""
+
+    async def prepare(self, model: ModelConfig) -> Prepared: ...
+
+    async def load(self, model: ModelConfig, prepared: Prepared) -> Loaded: ...
+
+    async def unload(self, name: str) -> int: ...
+
+
+class Observer(Protocol):
+    def model_loaded(self, name: str, result: str, seconds: float) -> None: ...
+
+    def model_evicted(self, name: str, reason: str) -> None: ...
+
+
+class _NoObserver:
+    def model_loaded(self, name: str, result: str, seconds: float) -> None:
+        pass
+
+    def model_evicted(self, name: str, reason: str) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Record:
+    config: ModelConfig
+    slots: asyncio.Semaphore
+    keep_alive: float
+    state: ModelState = ModelState.UNLOADED
+    error: str | None = None
+    failed_at: float = -math.inf
+    size: int = 0  # bytes on disk before loading, weights once loaded
+    tokenizer: Any = None
+    context_length: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+    leases: int = 0  # running requests
+    admitted: int = 0  # requests holding a slot, waiting for the model to be ready
+    queued: int = 0  # requests waiting for a slot
+    last_used: float = 0.0
+    expires_at: float | None = None  # clock time; None while busy or kept forever
+    settled: asyncio.Future | None = None  # resolves when a load or unload ends
+    load_task: asyncio.Task | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def resident(self) -> bool:
+        return self.state in (ModelState.LOADING, ModelState.READY, ModelState.UNLOADING)
+
+    @property
+    def protected(self) -> bool:
+        return self.state is not ModelState.READY or self.leases > 0 or self.admitted > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What a request may use of its model while it holds the lease."""
+
+    name: str
+    config: ModelConfig
+    tokenizer: Any
+    context_length: int
+    load_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSnapshot:
+    name: str
+    state: ModelState
+    error: str | None
+    size: int
+    active_requests: int
+    queued: int
+    pinned: bool
+    keep_alive: float
+    expires_at: float | None  # wall-clock seconds; None: never (pinned, forever, busy)
+    last_used: float | None  # wall-clock seconds
+    context_length: int
+    details: dict[str, Any]
+
+
+def pick_victim(records: list[_Record], exclude: _Record | None = None) -> _Record | None:
+    """The least recently used model that nothing protects and nobody pinned."""
+    idle = [r for r in records if r is not exclude and not r.protected and not r.config.pinned]
+    return min(idle, key=lambda r: r.last_used, default=None)
+
+
+class Manager:
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        *,
+        total_memory: int,
+        device_limit: int | None = None,
+        observer: Observer | None = None,
+        cache_bytes: Callable[[str], int] = lambda name: 0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self._backend = backend
+        self._observer = observer or _NoObserver()
+        self._cache_bytes = cache_bytes
+        self._clock = clock
+        self._wall = wall
+        self._records = {
+            m.name: _Record(m, asyncio.Semaphore(m.max_concurrency), config.keep_alive_of(m))
+            for m in config.models
+        }
+        memory = config.memory
+        self.budget = int(memory.budget_gb * GiB) if memory.budget_gb is not None else max(0, total_memory - int(memory.reserve_gb * GiB))
+        self.device_limit = device_limit
+        self._changed = asyncio.Event()
+        self._closing = False
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- queries ----------------------------------------------------------------
+
+    def resolve(self, name: str) -> ModelConfig:
+        model = self.config.find(name) if isinstance(name, str) else None
+        if model is None:
+            raise ModelNotFound(name)
+        return model
+
+    def _memory_of(self, record: _Record) -> int:
+        """Weights plus the model's prompt cache: both go when it is unloaded."""
+        return record.size + (self._cache_bytes(record.name) if record.state is ModelState.READY else 0)
+
+    def resident_bytes(self) -> int:
+        return sum(self._memory_of(r) for r in self._records.values() if r.resident)
+
+    def queue_depth(self) -> int:
+        return sum(r.queued + r.admitted for r in self._records.values())
+
+    def snapshot(self) -> list[ModelSnapshot]:
+        now, wall = self._clock(), self._wall()
+        return [
+            ModelSnapshot(
+                name=r.name,
+                state=r.state,
+                error=r.error,
+                size=self._memory_of(r),
+                active_requests=r.leases,
+                queued=r.queued + r.admitted,
+                pinned=r.config.pinned,
+                keep_alive=r.keep_alive,
+                expires_at=None if r.expires_at is None else wall + (r.expires_at - now),
+                last_used=wall + (r.last_used - now) if r.last_used else None,
+                context_length=r.context_length,
+                details=r.details,
+            )
+            for r in self._records.values()
+        ]
+
+    # -- leases -----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lease(self, name: str, *, keep_alive: float | None = None) -> AsyncIterator[Lease]:
+        """Hold `name` resident for one request: from admission to its last byte."""
+        record = self._records[self.resolve(name).name]
+        if self._closing:
+            raise ShuttingDown()
+        deadline = self._clock() + self.config.server.queue_timeout
+        await self._take_slot(record, deadline)
+        record.admitted += 1
+        started = self._clock()
+        try:
+            await self._ready(record, deadline)
+        except BaseException:
+            record.admitted -= 1
+            record.slots.release()
+            self._went_idle(record)
+            raise
+        record.admitted -= 1
+        record.leases += 1
+        record.expires_at = None
+        # Ollama semantics: the latest request decides; without one, the model's own setting.
+        record.keep_alive = self.config.keep_alive_of(record.config) if keep_alive is None else keep_alive
+        try:
+            yield Lease(record.name, record.config, record.tokenizer, record.context_length, self._clock() - started)
+        finally:
+            record.leases -= 1
+            record.last_used = self._clock()
+            record.slots.release()
+            self._went_idle(record)
+
+    async def _take_slot(self, record: _Record, deadline: float) -> None:
+        if not record.slots.locked():
+            await record.slots.acquire()
+            return
+        limit = self.config.server.max_queue
+        if self.queue_depth() >= limit:
+            raise QueueFull(
+                f"server busy: '{record.name}' is running {record.leases} requests and "
+                f"{self.queue_depth()} are queued (max_queue {limit})",
+                retry_after=2.0,
+            )
+        record.queued += 1
+        try:
+            await asyncio.wait_for(record.slots.acquire(), max(0.0, deadline - self._clock()))
+        except TimeoutError:
+            raise QueueFull(
+                f"model '{record.name}' is busy: {record.leases} requests running "
+                f"(max_concurrency {record.config.max_concurrency}); timed out waiting",
+                retry_after=5.0,
+            ) from None
+        finally:
+            record.queued -= 1
+
+    async def _ready(self, record: _Record, deadline: float) -> None:
+        """Return once `record` is ready, loading it if needed (one load at a time)."""
+        while record.state is not ModelState.READY:
+            if self._closing:
+                raise ShuttingDown()
+            if record.state is ModelState.FAILED and self._clock() - record.failed_at < RETRY_FAILED_AFTER:
+                raise LoadFailed(record.name, record.error or "unknown error", retry_after=max(1.0, RETRY_FAILED_AFTER - (self._clock() - record.failed_at)))
+            if record.state in (ModelState.UNLOADED, ModelState.FAILED):
+                self._start_load(record, deadline)
+            assert record.settled is not None
+            # Not bounded here: admission gives up at the deadline and settles every waiter
+            # with its 503; a load that is under way ends by itself.
+            await asyncio.shield(record.settled)
+            if record.state is ModelState.FAILED:
+                raise LoadFailed(record.name, record.error or "unknown error", retry_after=RETRY_FAILED_AFTER)
+
+    def _went_idle(self, record: _Record) -> None:
+        """A lease or a wait ended: arm keep_alive once nothing uses the model."""
+        self._notify()
+        if record.leases or record.admitted or record.state is not ModelState.READY:
+            return
+        if record.config.pinned or record.keep_alive == FOREVER:
+            record.expires_at = None
+            return
+        record.expires_at = self._clock() + record.keep_alive
+        if record.keep_alive <= 0:
+            self._spawn(self._evict(record, "keep_alive"))
+
+    # -- loading ----------------------------------------------------------------
+
+    def _start_load(self, record: _Record, deadline: float) -> None:
+        self._transition(record, ModelState.LOADING)
+        record.settled = asyncio.get_running_loop().create_future()
+        record.load_task = self._spawn(self._load(record, deadline))
+
+    async def _load(self, record: _Record, deadline: float) -> None:
+        started = self._clock()
+        try:
+            prepared = await self._backend.prepare(record.config)
+            record.size = prepared.size
+            await self._admit(record, deadline)
+            loaded = await self._backend.load(record.config, prepared)
+        except asyncio.CancelledError:
+            self._fail(record, "loading was cancelled (shutting down)")
+            raise
+        except InsufficientMemory as e:  # others are busy: not the model's fault, try again later
+            self._transition(record, ModelState.UNLOADED)
+            self._settle(record, e)
+            self._notify()
+            self._observer.model_loaded(record.name, "no_memory", self._clock() - started)
+            log.warning("could not load '%s': %s", record.name, e.message)
+            return
+        except Exception as e:
+            reason = e.message if isinstance(e, MlxServerError) else f"{type(e).__name__}: {e}"
+            self._fail(record, reason)
+            self._observer.model_loaded(record.name, "error", self._clock() - started)
+            log.error("model '%s' failed to load: %s", record.name, reason)
+            return
+        record.tokenizer = loaded.tokenizer
+        record.size = loaded.size
+        record.context_length = loaded.context_length
+        record.details = loaded.details
+        record.last_used = self._clock()
+        self._transition(record, ModelState.READY)
+        seconds = self._clock() - started
+        self._observer.model_loaded(record.name, "success", seconds)
+        log.info("loaded '%s' (%.1f MB) in %.2fs", record.name, record.size / 1e6, seconds)
+        self._settle(record)
+        self._went_idle(record)
+
+    def _fail(self, record: _Record, reason: str) -> None:
+        record.error = reason
+        record.failed_at = self._clock()
+        record.tokenizer = None
+        self._transition(record, ModelState.FAILED)
+        self._settle(record)
+        self._notify()
+
+    def _fits(self, record: _Record) -> bool:
+        others = [r for r in self._records.values() if r.resident and r is not record]
+        used = sum(self._memory_of(r) for r in others) + record.size
+        limit = self.config.memory.max_loaded_models
+        return (
+            used <= self.budget
+            and (self.device_limit is None or used <= self.device_limit)
+            and (limit == 0 or len(others) < limit)
+        )
+
+    async def _admit(self, record: _Record, deadline: float) -> None:
+        """Make room for `record`: unload idle models (LRU), or wait for busy ones."""
+        ceiling = min(self.budget, self.device_limit or self.budget)
+        if record.size > ceiling:
+            raise MlxServerError(f"it needs {record.size / GiB:.2f} GiB but the memory budget is {ceiling / GiB:.2f} GiB")
+        while not self._fits(record):
+            victim = pick_victim(list(self._records.values()), exclude=record)
+            if victim is not None:
+                await self._unload(victim, "lru")
+                continue
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                holders = ", ".join(
+                    f"'{r.name}' ({self._memory_of(r) / GiB:.2f} GiB, {r.leases} active{', pinned' if r.config.pinned else ''})"
+                    for r in self._records.values()
+                    if r.resident and r is not record
+                )
+                raise InsufficientMemory(
+                    f"not enough memory to load '{record.name}' ({record.size / GiB:.2f} GiB of "
+                    f"{self.budget / GiB:.2f} GiB budget): held by {holders or 'nothing'}",
+                    retry_after=10.0,
+                )
+            self._changed.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    # -- unloading --------------------------------------------------------------
+
+    async def _evict(self, record: _Record, reason: str) -> bool:
+        """Unload `record` if it is still idle; False when something claimed it meanwhile."""
+        if record.protected or record.state is not ModelState.READY:
+            return False
+        await self._unload(record, reason)
+        return True
+
+    async def _unload(self, record: _Record, reason: str) -> None:
+        size = record.size
+        self._transition(record, ModelState.UNLOADING)
+        record.settled = asyncio.get_running_loop().create_future()
+        record.expires_at = None
+        freed = 0
+        try:
+            freed = await self._backend.unload(record.name)
+        finally:
+            record.tokenizer = None
+            self._transition(record, ModelState.UNLOADED)
+            record.keep_alive = self.config.keep_alive_of(record.config)
+            self._settle(record)
+            self._notify()
+        self._observer.model_evicted(record.name, reason)
+        log.info("unloaded '%s' (reason=%s, %.1f MB weights, %.1f MB freed)", record.name, reason, size / 1e6, freed / 1e6)
+
+    async def unload(self, name: str) -> str:
+        """Unload on request: now when idle, else as soon as its last request ends."""
+        record = self._records[self.resolve(name).name]
+        record.keep_alive = 0.0
+        if record.state is ModelState.READY and not record.protected:
+            await self._unload(record, "manual")
+            return "unloaded"
+        if record.state in (ModelState.UNLOADED, ModelState.FAILED):
+            return "not loaded"
+        return "scheduled"
+
+    async def evict_idle(self, reason: str, *, enough: Callable[[], bool]) -> list[str]:
+        """Unload idle, unpinned models in LRU order until `enough()` or none is left."""
+        evicted: list[str] = []
+        while not enough():
+            victim = pick_victim(list(self._records.values()))
+            if victim is None:
+                break
+            await self._unload(victim, reason)
+            evicted.append(victim.name)
+        return evicted
+
+    def sweep(self) -> list[str]:
+        """Start unloading every idle model whose keep_alive has run out."""
+        now = self._clock()
+        due = [
+            r for r in self._records.values()
+            if r.expires_at is not None and r.expires_at <= now and r.state is ModelState.READY and not r.protected
+        ]
+        for record in due:
+            self._spawn(self._evict(record, "keep_alive"))
+        return [r.name for r in due]
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Preload the `preload: true` models, then expire idle ones; runs until cancelled."""
+        for model in self.config.models:
+            if model.preload and not self._closing:
+                with suppress(Exception):
+                    async with self.lease(model.name):
+                        pass
+        while True:
+            self.sweep()
+            await asyncio.sleep(SWEEP_INTERVAL)
+
+    async def close(self) -> None:
+        """Stop loading; the engine's own shutdown drops what is resident."""
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with suppress(BaseException):
+                await task
+
+    # -- the one place state changes -------------------------------------------
+
+    def _transition(self, record: _Record, state: ModelState) -> None:
+        if state not in _ALLOWED[record.state]:
+            raise RuntimeError(f"model '{record.name}': illegal transition {record.state} -> {state}")
+        log.debug("model '%s': %s -> %s", record.name, record.state, state)
+        record.state = state
+        if state is ModelState.LOADING:
+            record.error = None
+
+    def _settle(self, record: _Record, error: Exception | None = None) -> None:
+        """Wake the requests waiting on a load or unload; `error` is raised to each."""
+        settled = record.settled
+        if settled is None or settled.done():
+            return
+        if error is None:
+            settled.set_result(record.state)
+        else:
+            settled.set_exception(error)
+            settled.add_done_callback(lambda f: f.exception())  # retrieved even with no waiter
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

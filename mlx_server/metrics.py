@@ -1,0 +1,119 @@
+"""Prometheus metrics, in the daemon's own registry.
+
+Labels are bounded: a model label is a configured model's name or "other", an
+endpoint label is a route of this server or "other", so a client cannot create
+series by inventing names. Gauges are read live at scrape time from snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "mlx_server"
+OTHER = "other"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# LLM latencies: from a cached short answer (ms) to a long generation (minutes).
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveModel:
+    name: str
+    loaded: bool
+    memory_bytes: int
+    active_requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class LiveReading:
+    models: list[LiveModel] = field(default_factory=list)
+    queue_depth: int = 0
+    system_available_bytes: int = 0
+    mlx_active_bytes: int = 0
+    mlx_cache_bytes: int = 0
+
+
+class _LiveCollector(Collector):
+    def __init__(self, read: Callable[[], LiveReading]):
+        self._read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        reading = self._read()
+        loaded = GaugeMetricFamily(f"{PREFIX}_model_loaded", "1 if the model is resident (ready)", labels=["model"])
+        memory = GaugeMetricFamily(f"{PREFIX}_model_memory_bytes", "Bytes the model holds: weights and prompt cache", labels=["model"])
+        active = GaugeMetricFamily(f"{PREFIX}_active_requests", "Requests holding a lease on the model", labels=["model"])
+        for m in reading.models:
+            loaded.add_metric([m.name], 1.0 if m.loaded else 0.0)
+            memory.add_metric([m.name], float(m.memory_bytes))
+            active.add_metric([m.name], float(m.active_requests))
+        yield loaded
+        yield memory
+        yield active
+        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for a slot or a model", value=reading.queue_depth)
+        yield GaugeMetricFamily(f"{PREFIX}_system_memory_available_bytes", "Host memory available (psutil)", value=reading.system_available_bytes)
+        yield GaugeMetricFamily(f"{PREFIX}_mlx_active_memory_bytes", "Memory MLX has allocated", value=reading.mlx_active_bytes)
+        yield GaugeMetricFamily(f"{PREFIX}_mlx_cache_memory_bytes", "Memory in MLX's buffer cache", value=reading.mlx_cache_bytes)
+
+
+class Metrics:
+    def __init__(self, models: Iterable[str], endpoints: Iterable[str]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._models = frozenset(models)
+        self._endpoints = frozenset(endpoints)
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests_total", "HTTP requests answered", ["endpoint", "model", "status"], registry=r)
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds", "Request time, first byte in to last byte out",
+            ["endpoint"], buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time from admission to the first token", ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens_total", "Prompt tokens processed", ["model"], registry=r)
+        self.generated_tokens = Counter(f"{PREFIX}_generated_tokens_total", "Tokens generated", ["model"], registry=r)
+        self.loads = Counter(f"{PREFIX}_model_loads_total", "Model loads by result", ["model", "result"], registry=r)
+        self.load_duration = Histogram(f"{PREFIX}_model_load_duration_seconds", "Model load time", ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.evictions = Counter(f"{PREFIX}_model_evictions_total", "Model unloads by reason", ["model", "reason"], registry=r)
+        for name in self._models:
+            self.prompt_tokens.labels(name)
+            self.generated_tokens.labels(name)
+
+    def model_label(self, name: str | None) -> str:
+        return name if name in self._models else OTHER
+
+    def endpoint_label(self, path: str | None) -> str:
+        return path if path in self._endpoints else OTHER
+
+    def bind_live(self, read: Callable[[], LiveReading]) -> None:
+        self.registry.register(_LiveCollector(read))
+
+    def observe_request(self, endpoint: str | None, model: str | None, status: int, seconds: float) -> None:
+        endpoint = self.endpoint_label(endpoint)
+        self.requests.labels(endpoint, self.model_label(model), str(status)).inc()
+        self.request_duration.labels(endpoint).observe(seconds)
+
+    def observe_generation(self, model: str, prompt_tokens: int, generated_tokens: int, ttft: float | None) -> None:
+        label = self.model_label(model)
+        self.prompt_tokens.labels(label).inc(prompt_tokens)
+        self.generated_tokens.labels(label).inc(generated_tokens)
+        if ttft is not None:
+            self.ttft.labels(label).observe(ttft)
+
+    # the manager's Observer
+
+    def model_loaded(self, name: str, result: str, seconds: float) -> None:
+        label = self.model_label(name)
+        self.loads.labels(label, result).inc()
+        self.load_duration.labels(label).observe(seconds)
+
+    def model_evicted(self, name: str, reason: str) -> None:
+        self.evictions.labels(self.model_label(name), reason).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

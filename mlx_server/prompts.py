@@ -1,0 +1,69 @@
+"""Turning messages or text into token ids with the model's own tokenizer.
+
+Runs in a worker thread (jinja templates and tokenizers are CPU work, not MLX).
+Every API converts its messages to one internal shape first:
+`{"role", "content", "tool_calls"?, "tool_call_id"?, "name"?}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2 import TemplateError
+
+from .errors import BadRequest
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+FIM_MARKERS = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, DeepSeek
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, Codestral-style
+)
+
+
+def validate_messages(messages: Any, *, field: str = "messages") -> list[dict[str, Any]]:
+    """Check the internal message shape; a 400 naming the message and key otherwise."""
+    if not isinstance(messages, list):
+        raise BadRequest(f"'{field}' must be an array of messages", param=field)
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRequest(f"'{field}[{i}]' must be an object", param=field)
+        role = m.get("role")
+        if role not in ROLES:
+            raise BadRequest(f"'{field}[{i}].role' must be one of {', '.join(sorted(ROLES))}, got {role!r}", param=field)
+        if not isinstance(m.get("content", ""), str):
+            raise BadRequest(f"'{field}[{i}].content' must be a string", param=field)
+    return messages
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], *, tools: list[Any] | None = None, think: bool | None = None) -> list[int]:
+    """The model's chat template with a generation prompt, as token ids."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        text = "".join(f"{m['role'].upper()}: {m.get('content', '')}\n" for m in messages) + "ASSISTANT:"
+        return text_prompt(tokenizer, text)
+    kwargs: dict[str, Any] = {}
+    if tools:
+        kwargs["tools"] = tools
+    if think is not None:
+        kwargs["enable_thinking"] = think
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+    except TemplateError as e:
+        raise BadRequest(f"the model's chat template rejected these messages: {e}", param="messages") from None
+    if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def text_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Raw text, with the BOS token the model expects unless the text has it already."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
+
+
+def fim_prompt(tokenizer: Any, prefix: str, suffix: str, model: str) -> list[int]:
+    """Fill-in-the-middle, where the tokenizer has FIM tokens; a 400 where it has not."""
+    vocab = tokenizer.get_vocab()
+    for pre, suf, mid in FIM_MARKERS:
+        if pre in vocab and suf in vocab and mid in vocab:
+            return text_prompt(tokenizer, f"{pre}{prefix}{suf}{suffix}{mid}")
+    raise BadRequest(f"model '{model}' does not support insert ('suffix' needs fill-in-the-middle tokens)", param="suffix")

@@ -1,0 +1,137 @@
+"""The engine thread on the real test model: batching, stops, cancel, seeds, faults, memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from mlx_server.engine import DoneEvent, Engine, ErrorEvent, GenerationRequest, SamplingParams, TextEvent, _StopMatcher
+
+
+@pytest.fixture
+async def engine(test_model):
+    engine = Engine()
+    await asyncio.to_thread(engine.start)
+    tokenizer = load_tokenizer(test_model)
+    await engine.load("m", test_model, tokenizer, batch_size=8, prompt_cache_bytes=64 << 20)
+    engine.tokenizer = tokenizer
+    yield engine
+    await engine.stop()
+
+
+async def run(engine, prompt: str, **kwargs):
+    job = engine.generate(GenerationRequest(model="m", prompt=engine.tokenizer.encode(prompt), **kwargs))
+    events = [e async for e in job.events()]
+    return "".join(e.text for e in events if isinstance(e, TextEvent)), events[-1]
+
+
+async def test_greedy_generation_is_deterministic_and_counts_tokens(engine):
+    text1, done1 = await run(engine, "Hello there", max_tokens=24)
+    text2, done2 = await run(engine, "Hello there", max_tokens=24)
+    assert isinstance(done1, DoneEvent) and done1.finish_reason == "length"
+    assert done1.completion_tokens == 24 and len(done1.output_tokens) == 24
+    assert text1 == text2 and text1 == engine.tokenizer.decode(list(done1.output_tokens))
+    assert done2.cached_tokens > 0  # the second run reused the prompt cache
+    assert done1.prompt_tokens == len(engine.tokenizer.encode("Hello there"))
+
+
+async def test_concurrent_requests_are_batched_and_all_complete(engine):
+    results = await asyncio.gather(*(run(engine, f"prompt number {i}", max_tokens=16 + i) for i in range(10)))
+    assert [d.completion_tokens for _, d in results] == [16 + i for i in range(10)]
+    greedy_alone, _ = await run(engine, "prompt number 3", max_tokens=19)
+    assert results[3][0] == greedy_alone  # batching does not change a greedy answer
+
+
+async def test_stop_strings_end_generation_and_are_not_emitted(engine):
+    full, _ = await run(engine, "Tell me", max_tokens=40)
+    stop = full[12:15]
+    assert len(stop) == 3
+    text, done = await run(engine, "Tell me", max_tokens=40, stop=(stop,))
+    assert done.finish_reason == "stop"
+    assert stop not in text and full.startswith(text) and len(text) == full.index(stop)
+
+
+def test_stop_matcher_holds_back_partial_matches():
+    m = _StopMatcher(("END",))
+    assert m.feed("abcE") == ("abc", False)
+    assert m.feed("N") == ("", False)
+    assert m.feed("X") == ("ENX", False)
+    assert m.feed("yyEN") == ("yy", False)
+    assert m.feed("Dzz") == ("", True)
+    m = _StopMatcher(("</s>", "\n\n"))
+    assert m.feed("a\n") == ("a", False)
+    assert m.feed("b") == ("\nb", False)
+    assert m.feed("<") == ("", False)
+    assert m.flush() == "<"
+
+
+async def test_seeded_sampling_repeats_and_differs_by_seed(engine):
+    hot = dict(max_tokens=24)
+    a, _ = await run(engine, "Seeds", sampling=SamplingParams(temperature=1.0, seed=7), **hot)
+    b, _ = await run(engine, "Seeds", sampling=SamplingParams(temperature=1.0, seed=7), **hot)
+    c, _ = await run(engine, "Seeds", sampling=SamplingParams(temperature=1.0, seed=8), **hot)
+    assert a == b and a != c
+
+
+async def test_cancel_stops_a_sequence_within_a_step(engine):
+    job = engine.generate(GenerationRequest(model="m", prompt=engine.tokenizer.encode("long"), max_tokens=100_000))
+    seen = 0
+    async for event in job.events():
+        seen += 1
+        if seen == 3:
+            job.cancel()
+            break
+    deadline = time.monotonic() + 2
+    while engine.stats.models["m"].sequences and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert engine.stats.models["m"].sequences == 0
+
+
+async def test_an_mlx_error_in_a_step_fails_those_requests_not_the_engine(engine, monkeypatch):
+    from mlx_lm.generate import BatchGenerator
+
+    original = BatchGenerator.next
+    calls = {"n": 0}
+
+    def failing_next(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("simulated")
+        return original(self)
+
+    monkeypatch.setattr(BatchGenerator, "next", failing_next)
+    _, last = await run(engine, "boom", max_tokens=50)
+    assert isinstance(last, ErrorEvent) and "out of memory" in last.error.message
+    monkeypatch.setattr(BatchGenerator, "next", original)
+    text, done = await run(engine, "after", max_tokens=8)
+    assert isinstance(done, DoneEvent) and done.completion_tokens == 8 and engine.alive
+
+
+async def test_unknown_model_and_context_errors_are_events(engine):
+    job = engine.generate(GenerationRequest(model="nope", prompt=[1, 2], max_tokens=4))
+    events = [e async for e in job.events()]
+    assert isinstance(events[-1], ErrorEvent) and "not loaded" in events[-1].error.message
+
+
+async def test_embeddings_are_normalised_deterministic_and_hidden_sized(engine):
+    ids = [engine.tokenizer.encode(t) for t in ("hello", "a longer sentence about memory", "hello")]
+    vectors = await engine.embed("m", ids)
+    assert len(vectors) == 3 and all(len(v) == 256 for v in vectors)
+    assert all(abs(sum(x * x for x in v) - 1.0) < 1e-4 for v in vectors)
+    assert vectors[0] == pytest.approx(vectors[2], abs=1e-6)
+    alone = await engine.embed("m", ids[:1])
+    assert alone[0] == pytest.approx(vectors[0], abs=1e-5)
+
+
+async def test_unload_returns_the_memory(engine, test_model):
+    weights = sum(f.stat().st_size for f in test_model.glob("*.safetensors"))
+    freed = await engine.unload("m")
+    await asyncio.sleep(0.6)  # stats are published on the engine's idle tick
+    assert freed >= 0.9 * weights
+    assert engine.stats.active_memory < 0.1 * weights and engine.stats.models == {}
+    job = engine.generate(GenerationRequest(model="m", prompt=[1, 2, 3], max_tokens=4))
+    events = [e async for e in job.events()]
+    assert isinstance(events[-1], ErrorEvent)

@@ -1,0 +1,411 @@
+"""Residency rules with a fake backend, an injected clock and a fake memory probe."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mlx_server.config import parse_config
+from mlx_server.errors import InsufficientMemory, LoadFailed, QueueFull
+from mlx_server.manager import GiB, Loaded, Manager, ModelState, Prepared, pick_victim
+from mlx_server.reaper import HostMemory, Reaper
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeBackend:
+    """Loads are instant unless gated; every call is checked against the manager's rules."""
+
+    def __init__(self, sizes: dict[str, int] | None = None):
+        self.sizes = sizes or {}
+        self.manager: Manager | None = None
+        self.loaded: set[str] = set()
+        self.loads: Counter[str] = Counter()
+        self.unloads: list[str] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.fail: dict[str, Exception] = {}
+        self.violations: list[str] = []
+
+    def size(self, name: str) -> int:
+        return self.sizes.get(name.split(":")[0], GiB)
+
+    async def prepare(self, model):
+        return Prepared(Path("/nonexistent"), self.size(model.name))
+
+    async def load(self, model, prepared):
+        self.loads[model.name] += 1
+        if model.name in self.loaded:
+            self.violations.append(f"second copy of {model.name}")
+        gate = self.gates.get(model.name)
+        if gate is not None:
+            await gate.wait()
+        if model.name in self.fail:
+            raise self.fail[model.name]
+        self.loaded.add(model.name)
+        return Loaded(tokenizer=object(), size=prepared.size, context_length=4096, details={"family": "fake"})
+
+    async def unload(self, name):
+        record = self.manager._records[name]
+        if record.leases or record.admitted:
+            self.violations.append(f"unloaded {name} with {record.leases} leases, {record.admitted} admitted")
+        self.loaded.discard(name)
+        self.unloads.append(name)
+        await asyncio.sleep(0)
+        return self.size(name)
+
+
+def make(models: list[dict], *, budget_gb: float = 8, clock: Clock | None = None, sizes=None, **sections):
+    memory = {"budget_gb": budget_gb, **sections.pop("memory", {})}
+    config = parse_config({"models": [{"source": "org/repo", **m} for m in models], "memory": memory, **sections})
+    backend = FakeBackend(sizes)
+    evictions: list[tuple[str, str]] = []
+
+    class Observer:
+        def model_loaded(self, name, result, seconds):
+            pass
+
+        def model_evicted(self, name, reason):
+            evictions.append((name.split(":")[0], reason))
+
+    manager = Manager(config, backend, total_memory=64 * GiB, observer=Observer(), clock=clock or Clock())
+    backend.manager = manager
+    manager.evictions = evictions
+    return manager, backend
+
+
+def state(manager: Manager, name: str) -> ModelState:
+    return manager._records[manager.resolve(name).name].state
+
+
+async def use(manager: Manager, name: str, **kwargs) -> None:
+    async with manager.lease(name, **kwargs):
+        pass
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_concurrent_requests_wait_for_one_load():
+    manager, backend = make([{"name": "a", "max_concurrency": 64}])
+    backend.gates["a:latest"] = asyncio.Event()
+    tasks = [asyncio.create_task(use(manager, "a")) for _ in range(20)]
+    await settle()
+    assert state(manager, "a") is ModelState.LOADING
+    backend.gates["a:latest"].set()
+    await asyncio.gather(*tasks)
+    assert backend.loads["a:latest"] == 1
+    assert state(manager, "a") is ModelState.READY
+    assert not backend.violations
+
+
+async def test_lru_order_decides_what_goes():
+    clock = Clock()
+    manager, backend = make([{"name": "a"}, {"name": "b"}, {"name": "c"}], budget_gb=2, clock=clock)
+    await use(manager, "a")
+    clock.advance(1)
+    await use(manager, "b")
+    clock.advance(1)
+    await use(manager, "a")  # a is now the most recently used
+    clock.advance(1)
+    await use(manager, "c")
+    assert backend.unloads == ["b:latest"]
+    assert manager.evictions == [("b", "lru")]
+    assert state(manager, "a") is ModelState.READY and state(manager, "c") is ModelState.READY
+
+
+async def test_pinned_models_are_never_evicted():
+    clock = Clock()
+    manager, backend = make([{"name": "a", "pinned": True}, {"name": "b"}, {"name": "c"}], budget_gb=2, clock=clock)
+    await use(manager, "a")
+    clock.advance(1)
+    await use(manager, "b")
+    clock.advance(1)
+    await use(manager, "c")
+    assert backend.unloads == ["b:latest"]
+    assert pick_victim(list(manager._records.values())) is manager._records["c:latest"]
+
+
+async def test_max_loaded_models_bounds_the_count():
+    manager, backend = make([{"name": "a"}, {"name": "b"}], budget_gb=100, memory={"max_loaded_models": 1})
+    await use(manager, "a")
+    await use(manager, "b")
+    assert backend.unloads == ["a:latest"] and backend.loaded == {"b:latest"}
+
+
+async def test_busy_models_holding_memory_give_503_with_retry_after_naming_them():
+    manager, backend = make([{"name": "a"}, {"name": "b"}], budget_gb=1.5, clock=time.monotonic, server={"queue_timeout": 0.2})
+    async with manager.lease("a"):
+        with pytest.raises(InsufficientMemory) as e:
+            await use(manager, "b")
+    assert e.value.status == 503 and e.value.retry_after >= 1
+    assert "'a:latest'" in e.value.message and "1 active" in e.value.message
+    assert state(manager, "b") is ModelState.UNLOADED  # transient: not marked failed
+    await use(manager, "b")  # a is idle now: it is evicted and b loads
+    assert backend.unloads == ["a:latest"]
+
+
+async def test_a_load_waits_for_busy_models_to_finish():
+    manager, backend = make([{"name": "a"}, {"name": "b"}], budget_gb=1.5, clock=time.monotonic, server={"queue_timeout": 5})
+    release = asyncio.Event()
+
+    async def hold_a():
+        async with manager.lease("a"):
+            await release.wait()
+
+    holder = asyncio.create_task(hold_a())
+    await settle()
+    waiter = asyncio.create_task(use(manager, "b"))
+    await asyncio.sleep(0.05)
+    assert state(manager, "a") is ModelState.READY and not waiter.done()
+    release.set()
+    await asyncio.wait_for(waiter, 2)
+    await holder
+    assert backend.unloads == ["a:latest"] and state(manager, "b") is ModelState.READY
+
+
+async def test_resident_model_never_waits_behind_another_models_load():
+    manager, backend = make([{"name": "a"}, {"name": "b"}])
+    await use(manager, "a")
+    backend.gates["b:latest"] = asyncio.Event()
+    loading_b = asyncio.create_task(use(manager, "b"))
+    await settle()
+    assert state(manager, "b") is ModelState.LOADING
+    await asyncio.wait_for(use(manager, "a"), 0.5)
+    backend.gates["b:latest"].set()
+    await loading_b
+
+
+async def test_keep_alive_starts_when_the_last_lease_ends():
+    clock = Clock()
+    manager, backend = make([{"name": "a", "keep_alive": 60}], clock=clock)
+    first = asyncio.Event()
+
+    async def long_request():
+        async with manager.lease("a"):
+            await first.wait()
+
+    task = asyncio.create_task(long_request())
+    await settle()
+    await use(manager, "a")  # a short request ends while the long one still runs
+    clock.advance(100)
+    assert manager.sweep() == []  # still leased: no expiry
+    first.set()
+    await task
+    clock.advance(59)
+    assert manager.sweep() == []
+    clock.advance(2)
+    assert manager.sweep() == ["a:latest"]
+    await settle()
+    assert manager.evictions == [("a", "keep_alive")]
+
+
+async def test_request_keep_alive_overrides_and_zero_unloads_at_once():
+    clock = Clock()
+    manager, backend = make([{"name": "a", "keep_alive": "1h"}], clock=clock)
+    await use(manager, "a", keep_alive=5.0)
+    snap = next(s for s in manager.snapshot() if s.name == "a:latest")
+    assert snap.keep_alive == 5.0 and snap.expires_at is not None
+    await use(manager, "a")  # no keep_alive: back to the model's own setting
+    assert next(s for s in manager.snapshot() if s.name == "a:latest").keep_alive == 3600.0
+    await use(manager, "a", keep_alive=0.0)
+    await settle()
+    assert state(manager, "a") is ModelState.UNLOADED
+    assert manager.evictions == [("a", "keep_alive")]
+
+
+async def test_forever_and_pinned_never_expire():
+    clock = Clock()
+    manager, backend = make([{"name": "a", "keep_alive": -1}, {"name": "b", "pinned": True, "keep_alive": 1}], clock=clock)
+    await use(manager, "a")
+    await use(manager, "b")
+    clock.advance(10**9)
+    assert manager.sweep() == []
+    assert all(s.expires_at is None for s in manager.snapshot())
+
+
+async def test_manual_unload_waits_for_running_requests():
+    manager, backend = make([{"name": "a", "keep_alive": -1}])
+    release = asyncio.Event()
+
+    async def hold():
+        async with manager.lease("a"):
+            await release.wait()
+
+    task = asyncio.create_task(hold())
+    await settle()
+    assert await manager.unload("a") == "scheduled"
+    assert state(manager, "a") is ModelState.READY
+    release.set()
+    await task
+    await settle()
+    assert state(manager, "a") is ModelState.UNLOADED and not backend.violations
+    assert await manager.unload("a") == "not loaded"
+    await use(manager, "a")
+    assert await manager.unload("a") == "unloaded"
+    assert manager.evictions[-1] == ("a", "manual")
+
+
+async def test_failed_load_keeps_its_reason_and_is_retried_later():
+    clock = Clock()
+    manager, backend = make([{"name": "a"}], clock=clock)
+    backend.fail["a:latest"] = RuntimeError("safetensors header is truncated")
+    with pytest.raises(LoadFailed) as e:
+        await use(manager, "a")
+    assert "safetensors header is truncated" in e.value.message and e.value.status == 503
+    snap = manager.snapshot()[0]
+    assert snap.state is ModelState.FAILED and "truncated" in snap.error
+    with pytest.raises(LoadFailed):  # within the back-off: no new attempt
+        await use(manager, "a")
+    assert backend.loads["a:latest"] == 1
+    del backend.fail["a:latest"]
+    clock.advance(31)
+    await use(manager, "a")
+    assert backend.loads["a:latest"] == 2 and state(manager, "a") is ModelState.READY
+    assert manager.snapshot()[0].error is None
+
+
+async def test_a_model_larger_than_the_budget_fails_fast():
+    manager, backend = make([{"name": "big"}], budget_gb=1, sizes={"big": 3 * GiB})
+    with pytest.raises(LoadFailed, match="needs 3.00 GiB but the memory budget is 1.00 GiB"):
+        await use(manager, "big")
+    assert backend.loads["big:latest"] == 0
+
+
+async def test_queue_bounds_give_503_at_once():
+    manager, backend = make([{"name": "a", "max_concurrency": 1}], server={"max_queue": 1, "queue_timeout": 5})
+    release = asyncio.Event()
+
+    async def hold():
+        async with manager.lease("a"):
+            await release.wait()
+
+    running = asyncio.create_task(hold())
+    await settle()
+    queued = asyncio.create_task(use(manager, "a"))
+    await settle()
+    assert manager.queue_depth() == 1
+    with pytest.raises(QueueFull) as e:
+        await asyncio.wait_for(use(manager, "a"), 0.5)
+    assert e.value.retry_after and "max_queue 1" in e.value.message
+    release.set()
+    await asyncio.gather(running, queued)
+    assert manager.queue_depth() == 0
+
+
+async def test_waiting_for_a_slot_times_out_with_503():
+    manager, backend = make([{"name": "a", "max_concurrency": 1}], clock=time.monotonic, server={"queue_timeout": 0.1})
+    release = asyncio.Event()
+
+    async def hold():
+        async with manager.lease("a"):
+            await release.wait()
+
+    task = asyncio.create_task(hold())
+    await settle()
+    with pytest.raises(QueueFull, match="max_concurrency 1"):
+        await use(manager, "a")
+    release.set()
+    await task
+
+
+async def test_race_thousands_of_leases_against_eviction_passes():
+    """No unload ever happens under a lease; no model is ever loaded twice."""
+    clock = Clock()
+    names = ["a", "b", "c"]
+    manager, backend = make([{"name": n, "keep_alive": 0, "max_concurrency": 16} for n in names], budget_gb=2, clock=clock, server={"queue_timeout": 30})
+    rng = random.Random(7)
+    done = asyncio.Event()
+    served = Counter()
+
+    async def client(i: int):
+        for _ in range(150):
+            name = rng.choice(names)
+            async with manager.lease(name, keep_alive=rng.choice([0.0, 0.001, None])) as lease:
+                served[lease.name] += 1
+                assert manager._records[lease.name].state is ModelState.READY
+                for _ in range(rng.randint(0, 3)):
+                    await asyncio.sleep(0)
+
+    async def evictor():
+        while not done.is_set():
+            await manager.evict_idle(rng.choice(["pressure", "manual"]), enough=lambda: rng.random() < 0.5)
+            clock.advance(0.01)
+            manager.sweep()
+            await asyncio.sleep(0)
+
+    eviction_task = asyncio.create_task(evictor())
+    await asyncio.gather(*(client(i) for i in range(20)))
+    done.set()
+    await eviction_task
+    assert sum(served.values()) == 3000
+    assert not backend.violations, backend.violations[:5]
+    assert len(backend.unloads) > 100  # the evictor really competed with the leases
+    assert all(r.leases == 0 and r.admitted == 0 and r.queued == 0 for r in manager._records.values())
+
+
+async def test_reaper_unloads_idle_models_until_below_low_water():
+    clock = Clock()
+    manager, backend = make(
+        [{"name": "idle1"}, {"name": "idle2"}, {"name": "pinned", "pinned": True}, {"name": "busy"}],
+        budget_gb=100, clock=clock, memory={"high_water": 0.9, "low_water": 0.8, "reserve_gb": 0},
+    )
+    total = 100 * GiB
+    used = {"value": 50 * GiB}
+
+    def probe() -> HostMemory:
+        resident = sum(backend.size(n) * 10 for n in backend.loaded)  # each model "uses" 10 GiB
+        return HostMemory(total, total - used["value"] - resident)
+
+    for name in ("idle1", "idle2", "pinned"):
+        await use(manager, name)
+        clock.advance(1)
+    reaper = Reaper(manager, manager.config.memory, probe)
+    release = asyncio.Event()
+
+    async def hold():
+        async with manager.lease("busy"):
+            await release.wait()
+
+    task = asyncio.create_task(hold())
+    await settle()
+    assert await reaper.check() == []  # 50 + 40 = 90% used: not above high water
+    assert not reaper.pressure
+    used["value"] = 55 * GiB  # another program takes 5 GiB: 95%
+    assert await reaper.check() == ["idle1:latest", "idle2:latest"]  # 75% after two unloads
+    assert reaper.pressure is True
+    assert {"pinned:latest", "busy:latest"} <= backend.loaded
+    used["value"] = 95 * GiB  # nothing idle is left: pinned and busy stay
+    assert await reaper.check() == []
+    assert {"pinned:latest", "busy:latest"} <= backend.loaded
+    assert ("idle1", "pressure") in manager.evictions
+    release.set()
+    await task
+    assert not backend.violations
+
+
+async def test_reaper_treats_available_below_reserve_as_pressure():
+    manager, backend = make([{"name": "a"}], memory={"high_water": 0.99, "low_water": 0.5, "reserve_gb": 4})
+    await use(manager, "a")
+    memory = {"available": 3 * GiB}
+
+    def probe() -> HostMemory:
+        return HostMemory(1000 * GiB, memory["available"] + (0 if backend.loaded else 600 * GiB))
+
+    reaper = Reaper(manager, manager.config.memory, probe)
+    assert await reaper.check() == ["a:latest"]
