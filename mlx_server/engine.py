@@ -12,9 +12,11 @@ so no model starves and no load stalls another model's streams for long.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -306,6 +308,27 @@ def _logits_processors(request: GenerationRequest) -> list[LogitsProcessor]:
     return processors
 
 
+def _find_malloc_trim():
+    """glibc keeps freed heap pages after a model is dropped; malloc_trim gives them back."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def _return_memory() -> None:
+    """After dropping references: collect, empty MLX's buffer cache, return pages to the OS."""
+    gc.collect()
+    mx.clear_cache()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 def _nbytes(tree: Any) -> int:
     return tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, tree, 0)
 
@@ -480,8 +503,7 @@ class Engine:
             self._loads.remove(loading)
             loading.model = None
             loading.pending.clear()
-            gc.collect()
-            mx.clear_cache()
+            _return_memory()
             _fail(loading.done, e)
 
     def _unload(self, name: str) -> int:
@@ -502,8 +524,7 @@ class Engine:
             resident.model = None
             resident.prompt_cache = None
             del resident
-        gc.collect()
-        mx.clear_cache()
+        _return_memory()
         return max(0, before - mx.get_active_memory())
 
     # generation
@@ -675,8 +696,7 @@ class Engine:
         if resident.batch is not None:
             resident.batch.close()
         resident.batch = None
-        gc.collect()
-        mx.clear_cache()
+        _return_memory()
 
     # embeddings: mean-pooled, L2-normalised final hidden states
 

@@ -37,8 +37,8 @@ METRICS = web.AppKey("metrics", Metrics)
 REAPER = web.AppKey("reaper", Reaper)
 STARTED = web.AppKey("started", float)
 
-MODEL_KEY = "mlx_model"  # request[...] = the model a request named, for logs and metrics
-TOKENS_KEY = "mlx_tokens"  # request[...] = tokens generated, for the access log
+MODEL_KEY = web.RequestKey("model", str)  # the model a request named, for logs and metrics
+TOKENS_KEY = web.RequestKey("tokens", int)  # tokens generated, for the access log
 PUBLIC_PATHS = frozenset({"/", "/health", "/metrics"})
 NDJSON = "application/x-ndjson"
 MAX_JSON_DEPTH = 64
