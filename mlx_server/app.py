@@ -53,13 +53,13 @@ def create_app(config: Config, *, probe: Callable[[], HostMemory] = read_host_me
 def _residency(probe: Callable[[], HostMemory]):
     async def residency(app: web.Application) -> AsyncIterator[None]:
         config, engine, metrics = app[CONFIG], app[ENGINE], app[METRICS]
-        await asyncio.to_thread(engine.start)
+        engine.start()
         backend = MlxBackend(engine, config.memory)
         manager = Manager(
             config,
             backend,
             total_memory=probe().total,
-            device_limit=engine.device_info.get("max_recommended_working_set_size"),
+            device_limit=lambda: engine.device_info.get("max_recommended_working_set_size"),
             observer=metrics,
             cache_bytes=backend.cache_bytes,
         )

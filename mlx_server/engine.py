@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import importlib
 import logging
 import queue
 import sys
@@ -26,25 +27,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-from mlx.utils import tree_flatten, tree_reduce
-from mlx_lm.generate import BatchGenerator, generate_step
-from mlx_lm.models.cache import (
-    LRUPromptCache,
-    can_trim_prompt_cache,
-    make_prompt_cache,
-    trim_prompt_cache,
-)
-from mlx_lm.sample_utils import (
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    categorical_sampling,
-    greedy_sampler,
-    make_logits_processors,
-)
-from mlx_lm.utils import get_total_parameters, load_model
-
 from .errors import EngineDead, GenerationFailed, MlxServerError
 
 log = logging.getLogger("mlx_server.engine")
@@ -52,8 +34,29 @@ log = logging.getLogger("mlx_server.engine")
 LOAD_SLICE_SECONDS = 0.002  # longest a load may hold the thread between decode steps
 PREFILL_STEP = 1024
 EMBED_BATCH = 16
+STATS_INTERVAL = 0.05
 
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+LogitsProcessor = Callable[[Any, Any], Any]  # mlx_lm's: (tokens, logits) -> logits
+
+# MLX and mlx_lm (which imports transformers) take over a second to import. The engine
+# thread imports them when it starts, so the HTTP server answers at once and no other
+# thread ever imports, let alone calls, MLX.
+mx: Any = None
+lm_generate: Any = None  # mlx_lm.generate
+lm_cache: Any = None  # mlx_lm.models.cache
+lm_sample: Any = None  # mlx_lm.sample_utils
+lm_utils: Any = None  # mlx_lm.utils
+mlx_utils: Any = None  # mlx.utils
+
+
+def _import_mlx() -> None:
+    global mx, lm_generate, lm_cache, lm_sample, lm_utils, mlx_utils
+    # import_module, not attribute access: the package `mlx_lm` exports a *function* `generate`.
+    mx, mlx_utils = importlib.import_module("mlx.core"), importlib.import_module("mlx.utils")
+    lm_generate = importlib.import_module("mlx_lm.generate")
+    lm_cache = importlib.import_module("mlx_lm.models.cache")
+    lm_sample = importlib.import_module("mlx_lm.sample_utils")
+    lm_utils = importlib.import_module("mlx_lm.utils")
 
 
 # --- what handlers send in -------------------------------------------------------
@@ -214,8 +217,8 @@ class _Resident:
     weights_bytes: int
     batchable: bool
     batch_size: int
-    prompt_cache: LRUPromptCache
-    batch: BatchGenerator | None = None
+    prompt_cache: Any  # mlx_lm LRUPromptCache
+    batch: Any = None  # mlx_lm BatchGenerator, created on first use
     in_batch: dict[int, _Sequence] = field(default_factory=dict)
     single: list[_Sequence] = field(default_factory=list)
 
@@ -232,7 +235,7 @@ class _Loading:
     prompt_cache_bytes: int
     done: Future
     model: Any = None
-    pending: list[mx.array] = field(default_factory=list)
+    pending: list = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -261,16 +264,16 @@ def _shared_sampler(temperature: float, top_p: float, top_k: int, min_p: float):
 
 def _make_sampler(temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None):
     if temperature == 0:
-        return greedy_sampler
+        return lm_sample.greedy_sampler
     filters = []
     if 0 < top_p < 1.0:
-        filters.append(lambda x: apply_top_p(x, top_p))
+        filters.append(lambda x: lm_sample.apply_top_p(x, top_p))
     if min_p > 0:
-        filters.append(lambda x: apply_min_p(x, min_p, 1))
+        filters.append(lambda x: lm_sample.apply_min_p(x, min_p, 1))
     if top_k > 0:
-        filters.append(lambda x: apply_top_k(x, top_k))
+        filters.append(lambda x: lm_sample.apply_top_k(x, top_k))
     draw = (
-        (lambda x: categorical_sampling(x, temperature))
+        (lambda x: lm_sample.categorical_sampling(x, temperature))
         if seed is None
         else _seeded_categorical(seed, temperature)
     )
@@ -294,7 +297,7 @@ def _logits_processors(request: GenerationRequest) -> list[LogitsProcessor]:
     window = p.repeat_last_n if p.repeat_last_n >= 0 else len(request.prompt)
     processors = []
     if window > 0:
-        processors = make_logits_processors(
+        processors = lm_sample.make_logits_processors(
             None,
             p.repeat_penalty if p.repeat_penalty != 1.0 else None,
             window,
@@ -330,7 +333,7 @@ def _return_memory() -> None:
 
 
 def _nbytes(tree: Any) -> int:
-    return tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, tree, 0)
+    return mlx_utils.tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, tree, 0)
 
 
 class Engine:
@@ -346,14 +349,20 @@ class Engine:
         self._emit_batch: list[tuple[GenerationJob, Event]] = []
         self.dead_reason: str | None = None
         self.stats = EngineStats()
+        self._stats_at = 0.0
         self.device_info: dict[str, Any] = {}
         self._started = threading.Event()
 
     # -- event-loop side ------------------------------------------------------
 
     def start(self) -> None:
+        """Start the thread; it imports MLX first, so requests queue until `started()`."""
         self._thread.start()
-        self._started.wait()
+
+    async def started(self) -> None:
+        """Return once the thread has imported MLX and read the device."""
+        if not self._started.is_set():
+            await asyncio.to_thread(self._started.wait)
 
     async def stop(self) -> None:
         """Unload everything and end the thread (its last act frees MLX memory)."""
@@ -401,6 +410,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            _import_mlx()
             self.device_info = dict(mx.device_info())
             limit = self.device_info.get("max_recommended_working_set_size")
             if limit and mx.metal.is_available():
@@ -466,8 +476,8 @@ class Engine:
         try:
             if loading.name in self._residents:
                 raise RuntimeError(f"model '{loading.name}' is already loaded")
-            loading.model, _ = load_model(loading.path, lazy=True)
-            loading.pending = [a for _, a in tree_flatten(loading.model.parameters())]
+            loading.model, _ = lm_utils.load_model(loading.path, lazy=True)
+            loading.pending = [a for _, a in mlx_utils.tree_flatten(loading.model.parameters())]
             loading.pending.reverse()
         except BaseException as e:
             _fail(loading.done, e)
@@ -486,7 +496,7 @@ class Engine:
                 return
             self._loads.pop(0)
             model = loading.model
-            cache = make_prompt_cache(model)
+            cache = lm_cache.make_prompt_cache(model)
             resident = _Resident(
                 name=loading.name,
                 model=model,
@@ -494,11 +504,12 @@ class Engine:
                 weights_bytes=_nbytes(model.parameters()),
                 batchable=all(hasattr(c, "merge") for c in cache),
                 batch_size=loading.batch_size,
-                prompt_cache=LRUPromptCache(max_size=256, max_bytes=loading.prompt_cache_bytes),
+                prompt_cache=lm_cache.LRUPromptCache(max_size=256, max_bytes=loading.prompt_cache_bytes),
             )
             del cache
             self._residents[loading.name] = resident
-            _resolve(loading.done, LoadedWeights(resident.weights_bytes, get_total_parameters(model)))
+            self._publish_stats(force=True)
+            _resolve(loading.done, LoadedWeights(resident.weights_bytes, lm_utils.get_total_parameters(model)))
         except BaseException as e:
             self._loads.remove(loading)
             loading.model = None
@@ -525,6 +536,7 @@ class Engine:
             resident.prompt_cache = None
             del resident
         _return_memory()
+        self._publish_stats(force=True)
         return max(0, before - mx.get_active_memory())
 
     # generation
@@ -541,8 +553,8 @@ class Engine:
             prompt = list(request.prompt)
             cache, rest = resident.prompt_cache.fetch_nearest_cache(resident.name, prompt)
             if cache is not None and not rest:
-                if can_trim_prompt_cache(cache):
-                    trim_prompt_cache(cache, 1)
+                if lm_cache.can_trim_prompt_cache(cache):
+                    lm_cache.trim_prompt_cache(cache, 1)
                     rest = prompt[-1:]
                 else:
                     cache, rest = None, prompt
@@ -567,8 +579,8 @@ class Engine:
                 )
                 resident.in_batch[seq.uid] = seq
             else:
-                seq.cache = cache if cache is not None else make_prompt_cache(resident.model)
-                seq.stream = generate_step(
+                seq.cache = cache if cache is not None else lm_cache.make_prompt_cache(resident.model)
+                seq.stream = lm_generate.generate_step(
                     mx.array(rest),
                     resident.model,
                     max_tokens=request.max_tokens,
@@ -582,8 +594,8 @@ class Engine:
             log.exception("could not start generation on '%s'", request.model)
             self._emit(job, ErrorEvent(GenerationFailed(f"generation failed: {type(e).__name__}: {e}")))
 
-    def _new_batch(self, resident: _Resident) -> BatchGenerator:
-        resident.batch = BatchGenerator(
+    def _new_batch(self, resident: _Resident) -> Any:
+        resident.batch = lm_generate.BatchGenerator(
             resident.model,
             stop_tokens=[[t] for t in resident.tokenizer.eos_token_ids],
             completion_batch_size=max(32, resident.batch_size),
@@ -739,7 +751,12 @@ class Engine:
             except RuntimeError:  # that loop has closed: nobody is listening
                 pass
 
-    def _publish_stats(self) -> None:
+    def _publish_stats(self, *, force: bool = False) -> None:
+        """A fresh snapshot for /health and /metrics, at most every STATS_INTERVAL."""
+        now = time.perf_counter()
+        if not force and now - self._stats_at < STATS_INTERVAL:
+            return
+        self._stats_at = now
         self.stats = EngineStats(
             active_memory=mx.get_active_memory(),
             cache_memory=mx.get_cache_memory(),

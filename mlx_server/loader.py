@@ -7,8 +7,8 @@ they run in worker threads; only the weights go to the engine thread.
 from __future__ import annotations
 
 import asyncio
-
-from mlx_lm.tokenizer_utils import load as load_tokenizer
+from pathlib import Path
+from typing import Any
 
 from .config import MemoryConfig, ModelConfig
 from .engine import Engine
@@ -22,13 +22,14 @@ class MlxBackend:
         self._prompt_cache_bytes = int(memory.prompt_cache_mb * (1 << 20))
 
     async def prepare(self, model: ModelConfig) -> Prepared:
+        await self._engine.started()  # admission needs the device's limits
         local = await asyncio.to_thread(locate, model)
         return Prepared(local.path, local.weights_bytes, local.config)
 
     async def load(self, model: ModelConfig, prepared: Prepared) -> Loaded:
         eos = prepared.info.get("eos_token_id")
         try:
-            tokenizer = await asyncio.to_thread(load_tokenizer, prepared.path, eos_token_ids=eos)
+            tokenizer = await asyncio.to_thread(_load_tokenizer, prepared.path, eos)
         except Exception as e:
             raise RuntimeError(f"cannot load the tokenizer from {prepared.path}: {type(e).__name__}: {e}") from None
         weights = await self._engine.load(
@@ -51,3 +52,10 @@ class MlxBackend:
     def cache_bytes(self, name: str) -> int:
         stats = self._engine.stats.models.get(name)
         return stats.prompt_cache_bytes if stats else 0
+
+
+def _load_tokenizer(path: Path, eos_token_ids: Any) -> Any:
+    """mlx_lm's tokenizer wrapper (HF tokenizer + streaming detokenizer); not MLX work."""
+    from mlx_lm.tokenizer_utils import load
+
+    return load(path, eos_token_ids=eos_token_ids)

@@ -172,7 +172,7 @@ class Manager:
         backend: Backend,
         *,
         total_memory: int,
-        device_limit: int | None = None,
+        device_limit: Callable[[], int | None] = lambda: None,
         observer: Observer | None = None,
         cache_bytes: Callable[[str], int] = lambda name: 0,
         clock: Callable[[], float] = time.monotonic,
@@ -190,7 +190,7 @@ class Manager:
         }
         memory = config.memory
         self.budget = int(memory.budget_gb * GiB) if memory.budget_gb is not None else max(0, total_memory - int(memory.reserve_gb * GiB))
-        self.device_limit = device_limit
+        self._device_limit = device_limit  # Metal's recommended working set; None elsewhere
         self._changed = asyncio.Event()
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
@@ -370,15 +370,15 @@ class Manager:
         others = [r for r in self._records.values() if r.resident and r is not record]
         used = sum(self._memory_of(r) for r in others) + record.size
         limit = self.config.memory.max_loaded_models
-        return (
-            used <= self.budget
-            and (self.device_limit is None or used <= self.device_limit)
-            and (limit == 0 or len(others) < limit)
-        )
+        return used <= self._ceiling() and (limit == 0 or len(others) < limit)
+
+    def _ceiling(self) -> int:
+        device = self._device_limit()
+        return self.budget if device is None else min(self.budget, device)
 
     async def _admit(self, record: _Record, deadline: float) -> None:
         """Make room for `record`: unload idle models (LRU), or wait for busy ones."""
-        ceiling = min(self.budget, self.device_limit or self.budget)
+        ceiling = self._ceiling()
         if record.size > ceiling:
             raise MlxServerError(f"it needs {record.size / GiB:.2f} GiB but the memory budget is {ceiling / GiB:.2f} GiB")
         while not self._fits(record):

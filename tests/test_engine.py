@@ -14,7 +14,8 @@ from mlx_server.engine import DoneEvent, Engine, ErrorEvent, GenerationRequest, 
 @pytest.fixture
 async def engine(test_model):
     engine = Engine()
-    await asyncio.to_thread(engine.start)
+    engine.start()
+    await engine.started()
     tokenizer = load_tokenizer(test_model)
     await engine.load("m", test_model, tokenizer, batch_size=8, prompt_cache_bytes=64 << 20)
     engine.tokenizer = tokenizer
