@@ -385,12 +385,7 @@ class Engine:
 
     async def load(self, name: str, path: Path, tokenizer: Any, *, batch_size: int, prompt_cache_bytes: int) -> LoadedWeights:
         """Load a model's weights (lazily, then evaluated in slices between decode steps)."""
-        done: Future = Future()
-        loading = _Loading(name, Path(path), tokenizer, batch_size, prompt_cache_bytes, done)
-        if not self.alive:
-            raise EngineDead(self.dead_reason or "not running")
-        self._inbox.put(_Command("load", loading, done))
-        return await asyncio.wrap_future(done)
+        return await asyncio.wrap_future(self._submit("load", (name, Path(path), tokenizer, batch_size, prompt_cache_bytes)))
 
     async def unload(self, name: str) -> int:
         """Drop a model and everything that refers to it; returns the bytes MLX freed."""
@@ -448,7 +443,7 @@ class Engine:
             self._insert(command.payload)
             return
         if command.kind == "load":
-            self._start_load(command.payload)
+            self._start_load(_Loading(*command.payload, done=command.done))
             return
         try:
             if command.kind == "unload":
@@ -456,19 +451,21 @@ class Engine:
             elif command.kind == "embed":
                 result = self._embed(*command.payload)
             elif command.kind == "stop":
-                for name in list(self._residents):
-                    self._unload(name)
-                for loading in self._loads:
-                    _fail(loading.done, EngineDead("shutting down"))
-                self._loads.clear()
-                self._stopping = True
-                result = None
+                result = self._stop()
             else:
                 raise ValueError(f"unknown engine command {command.kind!r}")
         except BaseException as e:
             _fail(command.done, e)
         else:
             _resolve(command.done, result)
+
+    def _stop(self) -> None:
+        for name in list(self._residents):
+            self._unload(name)
+        for loading in self._loads:
+            _fail(loading.done, EngineDead("shutting down"))
+        self._loads.clear()
+        self._stopping = True
 
     # loading: lazy load, then evaluate the weights in time-boxed slices
 
