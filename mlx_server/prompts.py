@@ -37,6 +37,8 @@ def validate_messages(messages: Any, *, field: str = "messages") -> list[dict[st
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], *, tools: list[Any] | None = None, think: bool | None = None) -> list[int]:
     """The model's chat template with a generation prompt, as token ids."""
+    if tools and not supports_tools(tokenizer):
+        raise BadRequest("this model's chat template does not support tools", param="tools")
     if not getattr(tokenizer, "has_chat_template", False):
         text = "".join(f"{m['role'].upper()}: {m.get('content', '')}\n" for m in messages) + "ASSISTANT:"
         return text_prompt(tokenizer, text)
@@ -52,6 +54,15 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], *, tools: list[A
     if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def supports_tools(tokenizer: Any) -> bool:
+    """mlx_lm found a tool-call format for the model, or its template renders `tools`."""
+    if getattr(tokenizer, "has_tool_calling", False):
+        return True
+    template = getattr(tokenizer, "chat_template", None)
+    sources = template.values() if isinstance(template, dict) else [template]
+    return any(isinstance(t, str) and "tools" in t for t in sources)
 
 
 def text_prompt(tokenizer: Any, text: str) -> list[int]:

@@ -135,8 +135,9 @@ class CompletionSpec:
     build_prompt: Callable[[Any], list[int]]  # tokenizer -> token ids; runs in a worker thread
     options: GenerationOptions
     keep_alive: float | None = None
-    # tokenizer -> a factory the engine calls to build a logits processor (structured output)
-    constrain: Callable[[Any], Callable[[], Any]] | None = None
+    # (tokenizer, token budget) -> a factory the engine calls to build a logits processor
+    # (structured output); runs in a worker thread, as building it can take a second
+    constrain: Callable[[Any, int], Callable[[], Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -208,6 +209,7 @@ async def completion(request: web.Request, spec: CompletionSpec) -> AsyncIterato
         max_tokens = token_budget(len(prompt), context, spec.options)
         job = None
         if max_tokens > 0:
+            processor = await asyncio.to_thread(spec.constrain, lease.tokenizer, max_tokens) if spec.constrain else None
             job = app[ENGINE].generate(
                 GenerationRequest(
                     model=lease.name,
@@ -215,7 +217,7 @@ async def completion(request: web.Request, spec: CompletionSpec) -> AsyncIterato
                     max_tokens=max_tokens,
                     sampling=sampling_params(spec.options),
                     stop=spec.options.stop,
-                    logits_processor=spec.constrain(lease.tokenizer) if spec.constrain else None,
+                    logits_processor=processor,
                 )
             )
         result = Completion(lease, job, prompt, app[METRICS], started)

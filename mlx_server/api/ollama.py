@@ -9,23 +9,28 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from .. import __version__
 from ..config import ModelConfig
-from ..engine import TextEvent
 from ..errors import BadRequest, MlxServerError, UpstreamError
 from ..manager import ModelSnapshot, ModelState
 from ..options import GenerationOptions, merge_options, parse_options
 from ..prompts import chat_prompt, fim_prompt, text_prompt, validate_messages
 from ..sources import SourceError, describe, locate, peek
+from ..structured import Constraint, json_grammar
+from ..tools import THINKING, TOOL_CALL, OutputParser, Piece, ToolCall, collect, function_tools, pieces, starts_in_thinking, template_tool_call
 from .common import (
     CONFIG,
     ENGINE,
     MANAGER,
+    METRICS,
     MODEL_KEY,
     Completion,
     CompletionSpec,
@@ -42,9 +47,40 @@ from .common import (
 FOREVER_TIMESTAMP = 10_000_000_000.0  # 2286-11-20: how "never expires" reads in expires_at
 
 
-def request_options(request: web.Request, model: ModelConfig, raw: Any) -> GenerationOptions:
-    """defaults.options < the model's options < the request's options."""
-    return merge_options(request.app[CONFIG].defaults.options, model.options, parse_options(raw))
+def request_options(request: web.Request, model: ModelConfig, raw: Any, *, names: dict[str, str] | None = None) -> GenerationOptions:
+    """defaults.options < the model's options < the request's options.
+
+    `names` maps an option to the caller's own parameter name (num_predict ->
+    max_tokens), so the OpenAI and Anthropic APIs' errors name what they sent.
+    """
+    try:
+        given = parse_options(raw)
+    except BadRequest as e:
+        theirs = (names or {}).get(e.param or "")
+        if theirs is None:
+            raise
+        raise BadRequest(e.message.replace(f"option '{e.param}'", f"'{theirs}'"), param=theirs) from None
+    return merge_options(request.app[CONFIG].defaults.options, model.options, given)
+
+
+def format_constraint(value: Any) -> Constraint | None:
+    """Ollama's `format`: "json" (any JSON object) or a JSON schema."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return Constraint(json_grammar(None, param="format"))
+    if isinstance(value, dict):
+        return Constraint(json_grammar(value, param="format"))
+    raise BadRequest(f"'format' must be \"json\" or a JSON schema object, got {value!r}", param="format")
+
+
+def think_with_format(think: bool | None, constraint: Constraint | None) -> bool | None:
+    """A grammar shapes the whole output, so thinking is off when one is given."""
+    if constraint is None:
+        return think
+    if think:
+        raise BadRequest("'think' cannot be combined with a structured output format", param="think")
+    return False
 
 
 def digest(model: ModelConfig) -> str:
@@ -73,23 +109,33 @@ async def _load_or_unload(request: web.Request, name: str, keep_alive: float | N
     return web.json_response(body)
 
 
-async def _respond(request: web.Request, spec: CompletionSpec, *, stream: bool, name: str, chat: bool) -> web.StreamResponse:
+async def _respond(
+    request: web.Request,
+    spec: CompletionSpec,
+    *,
+    stream: bool,
+    name: str,
+    chat: bool,
+    tools: list[dict[str, Any]] | None = None,
+    constraint: Constraint | None = None,
+) -> web.StreamResponse:
     """Run the completion and answer as one object or as NDJSON lines."""
-    text_key = "message" if chat else "response"
-
-    def piece(text: str) -> Any:
-        return {"role": "assistant", "content": text} if chat else text
-
     async with completion(request, spec) as c:
+        tokenizer = c.lease.tokenizer
+        parser = OutputParser(tokenizer, tools=tools, thinking=starts_in_thinking(tokenizer, c.prompt))
         if not stream:
-            text, _ = await c.text()
-            return web.json_response(_final(c, name, text_key, piece(text), chat))
+            reply = await collect(c.events(), parser)
+            final = _final(c, name, chat, constraint)
+            final.update(answer_fields(chat, reply.content, reply.thinking, reply.calls))
+            return web.json_response(final)
         out = LineStream(request)
+        calls = 0
         try:
-            async for event in c.events():
-                if isinstance(event, TextEvent):
-                    await out.send({"model": name, "created_at": rfc3339(), text_key: piece(event.text), "done": False})
-            await out.send(_final(c, name, text_key, piece(""), chat))
+            async for item in pieces(c.events(), parser):
+                if isinstance(item, Piece):
+                    await out.send({"model": name, "created_at": rfc3339(), **piece_fields(chat, item, calls), "done": False})
+                    calls += item.kind == TOOL_CALL
+            await out.send(_final(c, name, chat, constraint) | answer_fields(chat, "", "", []))
         except MlxServerError as e:
             if not out.started:
                 raise
@@ -97,10 +143,34 @@ async def _respond(request: web.Request, spec: CompletionSpec, *, stream: bool, 
         return await out.finish()
 
 
-def _final(c: Completion, name: str, text_key: str, value: Any, chat: bool) -> dict[str, Any]:
+def answer_fields(chat: bool, content: str, thinking: str, calls: list[ToolCall], *, first_index: int = 0) -> dict[str, Any]:
+    """The answer's text fields: `message` for chat, `response` for generate."""
+    if not chat:
+        return {"response": content} | ({"thinking": thinking} if thinking else {})
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if thinking:
+        message["thinking"] = thinking
+    if calls:
+        message["tool_calls"] = [
+            {"id": f"call_{call.id}", "function": {"index": first_index + i, "name": call.name, "arguments": call.arguments}}
+            for i, call in enumerate(calls)
+        ]
+    return {"message": message}
+
+
+def piece_fields(chat: bool, item: Piece, index: int) -> dict[str, Any]:
+    if item.kind == TOOL_CALL:
+        return answer_fields(chat, "", "", [item.call], first_index=index)
+    if item.kind == THINKING:
+        return answer_fields(chat, "", item.text, [])
+    return answer_fields(chat, item.text, "", [])
+
+
+def _final(c: Completion, name: str, chat: bool, constraint: Constraint | None) -> dict[str, Any]:
     done = c.done
     assert done is not None
-    body: dict[str, Any] = {"model": name, "created_at": rfc3339(), text_key: value, "done": True, "done_reason": done.finish_reason}
+    reason = "length" if constraint is not None and constraint.closed_early else done.finish_reason
+    body: dict[str, Any] = {"model": name, "created_at": rfc3339(), "done": True, "done_reason": reason}
     if not chat:
         body["context"] = c.prompt + list(done.output_tokens)
     return body | durations_ns(c)
@@ -128,6 +198,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if not prompt and not suffix:
         return await _load_or_unload(request, name, keep_alive, chat=False)
     options = request_options(request, model, body.get("options"))
+    constraint = format_constraint(body.get("format"))
+    think = think_with_format(_think(think), constraint)
 
     def build(tokenizer: Any) -> list[int]:
         if any(t >= len(tokenizer) for t in context):
@@ -138,11 +210,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
             ids = text_prompt(tokenizer, prompt)
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            ids = chat_prompt(tokenizer, messages, think=_think(think))
+            ids = chat_prompt(tokenizer, messages, think=think)
         return list(context) + ids
 
-    spec = CompletionSpec(model.name, build, options, keep_alive)
-    return await _respond(request, spec, stream=stream, name=name, chat=False)
+    spec = CompletionSpec(model.name, build, options, keep_alive, constrain=constraint)
+    return await _respond(request, spec, stream=stream, name=name, chat=False, constraint=constraint)
 
 
 def _think(value: bool | str | None) -> bool | None:
@@ -160,11 +232,18 @@ def chat_messages(raw: Any) -> list[dict[str, Any]]:
             raise BadRequest(f"'messages[{i}].images': this model does not accept images", param="messages")
         item: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
         if m.get("tool_calls"):
-            item["tool_calls"] = m["tool_calls"]
+            item["tool_calls"] = [_history_call(i, call) for call in m["tool_calls"]]
         if m.get("tool_name"):
             item["name"] = m["tool_name"]
         converted.append(item)
     return converted
+
+
+def _history_call(index: int, call: Any) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise BadRequest(f"'messages[{index}].tool_calls' entries need function.name", param="messages")
+    return template_tool_call(call.get("id"), function["name"], function.get("arguments", {}))
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -174,24 +253,142 @@ async def chat(request: web.Request) -> web.StreamResponse:
     model = request.app[MANAGER].resolve(name)
     stream = field(body, "stream", bool, True)
     think = field(body, "think", (bool, str))
-    tools = field(body, "tools", list, [])
+    tools = function_tools(body.get("tools"))
     keep_alive = keep_alive_field(body)
     messages = chat_messages(field(body, "messages", list, []))
     if not messages:
         return await _load_or_unload(request, name, keep_alive, chat=True)
     options = request_options(request, model, body.get("options"))
+    constraint = format_constraint(body.get("format"))
+    think = think_with_format(_think(think), constraint)
 
     def build(tokenizer: Any) -> list[int]:
-        return chat_prompt(tokenizer, messages, tools=tools or None, think=_think(think))
+        return chat_prompt(tokenizer, messages, tools=tools, think=think)
 
-    spec = CompletionSpec(model.name, build, options, keep_alive)
-    return await _respond(request, spec, stream=stream, name=name, chat=True)
+    spec = CompletionSpec(model.name, build, options, keep_alive, constrain=constraint)
+    return await _respond(request, spec, stream=stream, name=name, chat=True, tools=tools, constraint=constraint)
+
+
+# --- embeddings ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    vectors: list[list[float]]
+    tokens: int
+    load_seconds: float
+    seconds: float
+
+
+async def embed_inputs(
+    request: web.Request,
+    name: str,
+    inputs: list[str] | list[list[int]],
+    *,
+    keep_alive: float | None,
+    truncate: bool,
+    dimensions: int | None = None,
+    num_ctx: int | None = None,
+    param: str = "input",
+) -> Embedded:
+    """Mean-pooled, L2-normalised final hidden states, computed under the model's lease.
+
+    Every API's embeddings route comes here; no inputs just loads the model.
+    """
+    app = request.app
+    started = time.perf_counter()
+    async with app[MANAGER].lease(name, keep_alive=keep_alive) as lease:
+        request[MODEL_KEY] = lease.name
+        limit = min(lease.context_length, num_ctx or lease.context_length)
+        ids = await asyncio.to_thread(_embedding_ids, lease.tokenizer, inputs, limit, truncate, param)
+        vectors = await app[ENGINE].embed(lease.name, ids) if ids else []
+    tokens = sum(map(len, ids))
+    app[METRICS].observe_generation(lease.name, tokens, 0, None)
+    if dimensions is not None:
+        vectors = [_shorten(v, dimensions) for v in vectors]
+    return Embedded(vectors, tokens, lease.load_seconds, time.perf_counter() - started)
+
+
+def _embedding_ids(tokenizer: Any, inputs: list[str] | list[list[int]], limit: int, truncate: bool, param: str) -> list[list[int]]:
+    batch = []
+    for i, item in enumerate(inputs):
+        ids = text_prompt(tokenizer, item) if isinstance(item, str) else list(item)
+        if not ids:
+            raise BadRequest(f"'{param}[{i}]' is empty", param=param)
+        if any(t >= len(tokenizer) for t in ids):
+            raise BadRequest(f"'{param}[{i}]' holds a token id outside the model's vocabulary", param=param)
+        if len(ids) > limit:
+            if not truncate:
+                raise BadRequest(f"'{param}[{i}]' is {len(ids)} tokens, longer than the context length {limit} (truncate is off)", param=param)
+            ids = ids[:limit]
+        batch.append(ids)
+    return batch
+
+
+def _shorten(vector: list[float], dimensions: int) -> list[float]:
+    """The first `dimensions` values, normalised again (Matryoshka-style)."""
+    if dimensions > len(vector):
+        raise BadRequest(f"'dimensions' is {dimensions} but this model's embeddings have {len(vector)}", param="dimensions")
+    head = vector[:dimensions]
+    norm = math.sqrt(sum(x * x for x in head)) or 1.0
+    return [x / norm for x in head]
+
+
+def dimensions_field(body: dict[str, Any]) -> int | None:
+    value = field(body, "dimensions", int)
+    if value is not None and value < 1:
+        raise BadRequest("'dimensions' must be at least 1", param="dimensions")
+    return value
+
+
+async def embed(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    name = model_field(body)
+    request[MODEL_KEY] = name
+    model = request.app[MANAGER].resolve(name)
+    raw = body.get("input")
+    inputs = [] if raw is None or raw == "" else [raw] if isinstance(raw, str) else raw
+    if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
+        raise BadRequest("'input' must be a string or an array of strings", param="input")
+    options = request_options(request, model, body.get("options"))
+    result = await embed_inputs(
+        request,
+        name,
+        inputs,
+        keep_alive=keep_alive_field(body),
+        truncate=field(body, "truncate", bool, True),
+        dimensions=dimensions_field(body),
+        num_ctx=options.num_ctx,
+    )
+    return web.json_response(
+        {
+            "model": name,
+            "embeddings": result.vectors,
+            "total_duration": int(result.seconds * 1e9),
+            "load_duration": int(result.load_seconds * 1e9),
+            "prompt_eval_count": result.tokens,
+        }
+    )
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """The legacy single-prompt route: `{"embedding": [...]}`."""
+    body = await read_json(request)
+    name = model_field(body)
+    request[MODEL_KEY] = name
+    model = request.app[MANAGER].resolve(name)
+    prompt = field(body, "prompt", str, "")
+    options = request_options(request, model, body.get("options"))
+    result = await embed_inputs(
+        request, name, [prompt] if prompt else [], keep_alive=keep_alive_field(body), truncate=True, num_ctx=options.num_ctx, param="prompt"
+    )
+    return web.json_response({"embedding": result.vectors[0] if result.vectors else []})
 
 
 # --- models ----------------------------------------------------------------------
 
 
-def _details(model: ModelConfig, snap: ModelSnapshot | None) -> tuple[dict[str, Any], int, float | None]:
+def model_details(model: ModelConfig, snap: ModelSnapshot | None) -> tuple[dict[str, Any], int, float | None]:
     """details, size on disk and modification time, read without downloading."""
     local = peek(model)
     if snap is not None and snap.details:
@@ -210,7 +407,7 @@ async def tags(request: web.Request) -> web.Response:
     snaps = {s.name: s for s in request.app[MANAGER].snapshot()}
     entries = []
     for model in config.models:
-        details, size, mtime = await asyncio.to_thread(_details, model, snaps.get(model.name))
+        details, size, mtime = await asyncio.to_thread(model_details, model, snaps.get(model.name))
         entries.append(
             {
                 "name": model.name,
@@ -345,5 +542,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/show", show)
     app.router.add_post("/api/generate", generate)
     app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/embed", embed)
+    app.router.add_post("/api/embeddings", embeddings)
     app.router.add_post("/api/pull", pull)
 
