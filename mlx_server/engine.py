@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EngineDead, GenerationFailed, MlxServerError
+from .options import GenerationOptions
 
 log = logging.getLogger("mlx_server.engine")
 
@@ -63,25 +64,11 @@ def _import_mlx() -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     model: str
     prompt: Sequence[int]
     max_tokens: int
-    sampling: SamplingParams = SamplingParams()
-    stop: tuple[str, ...] = ()
+    options: GenerationOptions = GenerationOptions(temperature=0.0)  # sampling, penalties, stop
     # Built on the engine thread (it may create MLX arrays), e.g. constrained decoding.
     logits_processor: Callable[[], LogitsProcessor] | None = None
 
@@ -286,14 +273,14 @@ def _make_sampler(temperature: float, top_p: float, top_k: int, min_p: float, se
     return sampler
 
 
-def _sampler_for(p: SamplingParams):
+def _sampler_for(p: GenerationOptions):
     if p.seed is None:
         return _shared_sampler(p.temperature, p.top_p, p.top_k, p.min_p)
     return _make_sampler(p.temperature, p.top_p, p.top_k, p.min_p, p.seed)
 
 
 def _logits_processors(request: GenerationRequest) -> list[LogitsProcessor]:
-    p = request.sampling
+    p = request.options
     window = p.repeat_last_n if p.repeat_last_n >= 0 else len(request.prompt)
     processors = []
     if window > 0:
@@ -558,13 +545,13 @@ class Engine:
             seq = _Sequence(
                 job=job,
                 detokenizer=resident.tokenizer.detokenizer,
-                stops=_StopMatcher(request.stop),
+                stops=_StopMatcher(request.options.stop),
                 prompt=prompt,
                 cached=len(prompt) - len(rest),
             )
-            sampler = _sampler_for(request.sampling)
+            sampler = _sampler_for(request.options)
             processors = _logits_processors(request)
-            if resident.batchable and request.sampling.seed is None:
+            if resident.batchable and request.options.seed is None:
                 batch = resident.batch or self._new_batch(resident)
                 (seq.uid,) = batch.insert(
                     [rest],

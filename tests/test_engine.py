@@ -8,7 +8,8 @@ import time
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from mlx_server.engine import DoneEvent, Engine, ErrorEvent, GenerationRequest, SamplingParams, TextEvent, _StopMatcher
+from mlx_server.engine import DoneEvent, Engine, ErrorEvent, GenerationRequest, TextEvent, _StopMatcher
+from mlx_server.options import GenerationOptions
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ async def test_stop_strings_end_generation_and_are_not_emitted(engine):
     full, _ = await run(engine, "Tell me", max_tokens=40)
     stop = full[12:15]
     assert len(stop) == 3
-    text, done = await run(engine, "Tell me", max_tokens=40, stop=(stop,))
+    text, done = await run(engine, "Tell me", max_tokens=40, options=GenerationOptions(temperature=0, stop=(stop,)))
     assert done.finish_reason == "stop"
     assert stop not in text and full.startswith(text) and len(text) == full.index(stop)
 
@@ -71,9 +72,9 @@ def test_stop_matcher_holds_back_partial_matches():
 
 async def test_seeded_sampling_repeats_and_differs_by_seed(engine):
     hot = dict(max_tokens=24)
-    a, _ = await run(engine, "Seeds", sampling=SamplingParams(temperature=1.0, seed=7), **hot)
-    b, _ = await run(engine, "Seeds", sampling=SamplingParams(temperature=1.0, seed=7), **hot)
-    c, _ = await run(engine, "Seeds", sampling=SamplingParams(temperature=1.0, seed=8), **hot)
+    a, _ = await run(engine, "Seeds", options=GenerationOptions(temperature=1.0, seed=7), **hot)
+    b, _ = await run(engine, "Seeds", options=GenerationOptions(temperature=1.0, seed=7), **hot)
+    c, _ = await run(engine, "Seeds", options=GenerationOptions(temperature=1.0, seed=8), **hot)
     assert a == b and a != c
 
 

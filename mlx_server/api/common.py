@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import Config, parse_keep_alive
-from ..engine import DoneEvent, Engine, ErrorEvent, GenerationJob, GenerationRequest, SamplingParams, TextEvent
+from ..engine import DoneEvent, Engine, ErrorEvent, GenerationJob, GenerationRequest, TextEvent
 from ..errors import BadRequest, MlxServerError, PayloadTooLarge, RateLimited, RouteError, Unauthorized
 from ..manager import Lease, Manager
 from ..metrics import Metrics
@@ -169,20 +169,6 @@ class Completion:
         return "".join(parts), self.done
 
 
-def sampling_params(options: GenerationOptions) -> SamplingParams:
-    return SamplingParams(
-        temperature=options.temperature,
-        top_p=options.top_p,
-        top_k=options.top_k,
-        min_p=options.min_p,
-        seed=options.seed,
-        repeat_penalty=options.repeat_penalty,
-        repeat_last_n=options.repeat_last_n,
-        presence_penalty=options.presence_penalty,
-        frequency_penalty=options.frequency_penalty,
-    )
-
-
 def token_budget(prompt_tokens: int, context: int, options: GenerationOptions) -> int:
     """How many tokens may be generated: num_predict, capped by what the context has left."""
     room = context - prompt_tokens
@@ -215,8 +201,7 @@ async def completion(request: web.Request, spec: CompletionSpec) -> AsyncIterato
                     model=lease.name,
                     prompt=prompt,
                     max_tokens=max_tokens,
-                    sampling=sampling_params(spec.options),
-                    stop=spec.options.stop,
+                    options=spec.options,
                     logits_processor=processor,
                 )
             )
