@@ -151,6 +151,18 @@ class GenerationJob:
 # --- engine-thread state -----------------------------------------------------------
 
 
+def partial_marker(text: str, markers) -> int:
+    """How many characters at the end of `text` may be the start of one of `markers`:
+    streamed text holds those back until the next piece decides."""
+    longest = 0
+    for marker in markers:
+        for k in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:k]):
+                longest = k
+                break
+    return longest
+
+
 class _StopMatcher:
     """Finds stop strings in streamed text, holding back what may start one."""
 
@@ -168,12 +180,7 @@ class _StopMatcher:
         if found:
             self.held = ""
             return buf[: min(found)], True
-        keep = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buf)), keep, -1):
-                if buf.endswith(stop[:k]):
-                    keep = k
-                    break
+        keep = partial_marker(buf, self.stops)
         self.held = buf[len(buf) - keep :]
         return buf[: len(buf) - keep], False
 

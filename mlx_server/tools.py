@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import DoneEvent, TextEvent
+from .engine import DoneEvent, TextEvent, partial_marker
 from .errors import BadRequest
 
 CONTENT = "content"
@@ -133,7 +133,7 @@ class OutputParser:
                 self._state = self._starts[marker]
                 self._trim = self._state == THINKING
                 return True
-            keep = _partial_marker(buffer, self._starts)
+            keep = partial_marker(buffer, self._starts)
             self._emit(out, CONTENT, buffer[: len(buffer) - keep])
             self._buffer = buffer[len(buffer) - keep :]
             return False
@@ -141,7 +141,7 @@ class OutputParser:
         at = buffer.find(end) if end else -1
         if at < 0:
             if self._state == THINKING:
-                keep = _partial_marker(buffer, (end,))
+                keep = partial_marker(buffer, (end,))
                 self._emit(out, THINKING, buffer[: len(buffer) - keep])
                 self._buffer = buffer[len(buffer) - keep :]
             return False
@@ -175,17 +175,6 @@ class OutputParser:
             raw = self._tool_start + body + (self._ends[TOOL_CALL] if closed else "")
             return [Piece(CONTENT, raw)]
         return [Piece(TOOL_CALL, call=c) for c in calls]
-
-
-def _partial_marker(buffer: str, markers) -> int:
-    """How many characters at the end of `buffer` may be the start of a marker."""
-    longest = 0
-    for marker in markers:
-        for k in range(min(len(marker) - 1, len(buffer)), longest, -1):
-            if buffer.endswith(marker[:k]):
-                longest = k
-                break
-    return longest
 
 
 def _tool_call(item: Any) -> ToolCall:
