@@ -75,6 +75,7 @@ def _residency(probe: Callable[[], HostMemory]):
             with suppress(asyncio.CancelledError):
                 await task
         await manager.close()
-        await engine.stop()
+        await manager.evict_idle("shutdown", enough=lambda: False)
+        await engine.stop()  # drops whatever a cancelled request still held
 
     return residency

@@ -9,11 +9,15 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from . import __version__
@@ -46,6 +50,52 @@ def configure_logging(level: str, as_json: bool) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+# --- who holds a port --------------------------------------------------------------
+
+
+def listening_pids(port: int) -> list[int]:
+    """Processes listening on a TCP port: psutil, or lsof where psutil may not look (macOS)."""
+    import psutil
+
+    try:
+        pids = {
+            c.pid for c in psutil.net_connections(kind="tcp")
+            if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        }
+        if pids:
+            return sorted(pids)
+    except (psutil.Error, OSError):
+        pass
+    lsof = shutil.which("lsof") or next((p for p in ("/usr/sbin/lsof", "/usr/bin/lsof") if os.path.exists(p)), None)
+    if lsof is None:
+        return []
+    try:
+        out = subprocess.run([lsof, "-nP", f"-iTCP:{port}", "-sTCP:LISTEN", "-t"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({int(x) for x in out.split() if x.isdigit()})
+
+
+def port_holder(port: int) -> str | None:
+    """`name (pid N: command line)` of what listens on `port`; None if this user cannot see it."""
+    import psutil
+
+    for pid in listening_pids(port):
+        try:
+            proc = psutil.Process(pid)
+            name = proc.name()
+        except psutil.Error:
+            return f"pid {pid}"
+        try:
+            command = " ".join(proc.cmdline())
+        except psutil.Error:
+            command = ""
+        if len(command) > 160:
+            command = command[:157] + "..."
+        return f"{name} (pid {pid}{': ' + command if command else ''})"
+    return None
+
+
 # --- serve -------------------------------------------------------------------------
 
 
@@ -58,27 +108,41 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _port_holder(port: int) -> str:
-    """Who holds a TCP port, as well as this user may know."""
-    import psutil
-
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
-                proc = psutil.Process(conn.pid)
-                return f"{proc.name()} (pid {conn.pid}: {' '.join(proc.cmdline()[:4])})"
-    except (psutil.Error, OSError):
-        pass
-    return "another program"
+CANCEL_WAIT = 0.5  # after shutdown_grace: how long cancelled handlers get to unwind
 
 
 async def _serve(config) -> int:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully and return 0.
+
+    Shutdown order: stop listening and close idle connections, stop loading models
+    (a request waiting for a load gets a 503), let running and queued requests finish
+    for up to `server.shutdown_grace`, cancel what is left, unload the models, stop
+    the engine. A second signal exits at once.
+    """
     from aiohttp import web
 
+    from .api.common import MANAGER
     from .app import create_app
 
+    grace = config.server.shutdown_grace
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=config.server.shutdown_grace)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CANCEL_WAIT)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("second %s: exiting now, without waiting for running requests", name)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(128 + signum)
+        log.info("%s: shutting down; no new connections (send it again to exit at once)", name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
     try:
@@ -86,27 +150,24 @@ async def _serve(config) -> int:
     except OSError as e:
         await runner.cleanup()
         if e.errno == errno.EADDRINUSE:
-            log.error("port %d on %s is already in use by %s", config.server.port, config.server.host, _port_holder(config.server.port))
+            holder = port_holder(config.server.port) or "another program"
+            log.error("port %d on %s is already in use by %s", config.server.port, config.server.host, holder)
         else:
             log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, e.strerror or e)
         return 1
     log.info("mlx-server %s listening on http://%s:%d (config %s)", __version__, config.server.host, config.server.port, config.path)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(128 + signum)
-        log.info("%s: stopping; running streams get %.0fs to finish", signal.Signals(signum).name, config.server.shutdown_grace)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
-    await runner.cleanup()
-    log.info("stopped")
+    started = time.monotonic()
+    await site.stop()
+    runner.server.pre_shutdown()  # idle keep-alive connections close; busy ones after their request
+    manager = app[MANAGER]
+    await manager.close()  # no more loads: a preload or a cold start must not hold the exit
+    if busy := manager.queue_depth() + sum(s.active_requests for s in manager.snapshot()):
+        log.info("waiting up to %gs for %d running or queued requests", grace, busy)
+    if left := await manager.drain(grace):
+        log.warning("shutdown_grace of %gs is over: cancelling %d requests", grace, left)
+    await runner.cleanup()  # cancels what is left, unloads (reason: shutdown), stops the engine
+    log.info("stopped after %.1fs of shutdown", time.monotonic() - started)
     return 0
 
 
@@ -161,16 +222,12 @@ def _human_bytes(n: float) -> str:
 
 
 def _until(expires_at: str | None) -> str:
-    from datetime import datetime
-
+    """Ollama's UNTIL column: "4 minutes from now", "Forever"."""
     if not expires_at:
         return "-"
-    moment = datetime.fromisoformat(expires_at.replace("Z", "+00:00")).timestamp()
-    left = moment - time.time()
+    left = datetime.fromisoformat(expires_at.replace("Z", "+00:00")).timestamp() - time.time()
     if left > 10 * 365 * 86400:
         return "Forever"
-    if left <= 0:
-        return "now"
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
         if left >= size:
             n = int(left // size)
@@ -178,16 +235,47 @@ def _until(expires_at: str | None) -> str:
     return "now"
 
 
-def cmd_ps(args: argparse.Namespace) -> int:
-    models = _call(args.url, "/api/ps")["models"]
-    rows = [("NAME", "ID", "SIZE", "PROCESSOR", "UNTIL", "ACTIVE")]
-    for m in models:
-        processor = "100% GPU" if m.get("size_vram") else "100% CPU"
-        rows.append((m["name"], m["digest"][:12], _human_bytes(m["size"]), processor, _until(m.get("expires_at")), str(m.get("active_requests", 0))))
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("    ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    """Loaded models like `ollama ps`; with --all every configured model and its state."""
+    if args.all:
+        return _ps_all(args.url)
+    rows = [("NAME", "ID", "SIZE", "PROCESSOR", "UNTIL", "ACTIVE")]
+    for m in _call(args.url, "/api/ps")["models"]:
+        processor = "100% GPU" if m.get("size_vram") else "100% CPU"
+        rows.append((m["name"], m["digest"][:12], _human_bytes(m["size"]), processor, _until(m.get("expires_at")), str(m.get("active_requests", 0))))
+    _print_table(rows)
     return 0
+
+
+def _ps_all(url: str) -> int:
+    """From /health, which needs no API key: every model's state, and why one failed."""
+    health = _call(url, "/health", timeout=30)
+    rows = [("NAME", "STATE", "SIZE", "UNTIL", "ACTIVE", "QUEUED")]
+    for m in health["models"]:
+        ready = m["state"] == "ready"
+        rows.append((m["name"], m["state"], _human_bytes(m["size"]) if ready else "-", _health_until(m), str(m["active_requests"]), str(m["queued"])))
+    _print_table(rows)
+    for m in health["models"]:
+        if m.get("error"):
+            print(f"{m['name']}: {m['error']}")
+    if not health["engine"]["alive"]:
+        print(f"engine: dead ({health['engine'].get('error', 'unknown reason')})")
+    return 0
+
+
+def _health_until(model: dict[str, Any]) -> str:
+    """/health has no expiry while a model is busy or kept for ever."""
+    if model["state"] != "ready":
+        return "-"
+    if model.get("expires_at"):
+        return _until(model["expires_at"])
+    return "in use" if model["active_requests"] else "Forever"
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -201,14 +289,24 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
+    from .config import normalize_name
+
     _call(args.url, "/api/generate", {"model": args.name, "keep_alive": 0, "stream": False})
-    print(f"unloaded {args.name} (or it will be, once its running requests end)")
+    wanted = normalize_name(args.name).lower()
+    busy = [m for m in _call(args.url, "/api/ps")["models"] if m["name"].lower() == wanted]
+    if busy:
+        print(f"{busy[0]['name']} has {busy[0].get('active_requests', 0)} running requests; it unloads when they finish")
+    else:
+        print(f"unloaded {args.name}")
     return 0
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    """Download a configured model's files into the Hugging Face cache, with progress bars."""
+    from huggingface_hub.utils import enable_progress_bars
+
     from .config import ConfigError, load_config
-    from .sources import SourceError, locate
+    from .sources import SourceError, locate, offline, peek
 
     try:
         config = load_config(args.config)
@@ -217,15 +315,21 @@ def cmd_pull(args: argparse.Namespace) -> int:
         return 2
     model = config.find(args.name)
     if model is None:
-        print(f"error: model '{args.name}' is not in {config.path}", file=sys.stderr)
+        names = ", ".join(m.name for m in config.models) or "none"
+        print(f"error: model '{args.name}' is not in {config.path} (configured: {names}); "
+              "pull only fetches configured models: add it to models.yaml first", file=sys.stderr)
         return 1
-    print(f"pulling {model.name} from {model.source}")
+    if not model.local and offline() and peek(model) is None:
+        print(f"error: cannot download '{model.source}': HF_HUB_OFFLINE is set; unset it and run this again", file=sys.stderr)
+        return 1
+    enable_progress_bars()
+    print(f"pulling {model.name} from {model.source if model.local else 'huggingface.co/' + model.source}", flush=True)
     try:
         local = locate(model)
     except SourceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"success: {local.path} ({_human_bytes(local.weights_bytes)} of weights)")
+    print(f"success: {model.name} is in {local.path} ({_human_bytes(local.weights_bytes)} of weights)")
     return 0
 
 
@@ -251,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def logging_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--log-level", default=os.environ.get("MLX_SERVER_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
-        p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+        p.add_argument("--log-level", default=os.environ.get("MLX_SERVER_LOG_LEVEL", "info").lower(), choices=["debug", "info", "warning", "error"])
+        json_env = os.environ.get("MLX_SERVER_LOG_JSON", "").strip().lower() in {"1", "true", "yes", "on"}
+        p.add_argument("--log-json", action="store_true", default=json_env, help="one JSON object per log line (or MLX_SERVER_LOG_JSON=1)")
 
     p = sub.add_parser("serve", help="run the daemon")
     p.add_argument("--config", help="models.yaml (default: $MLX_SERVER_CONFIG or ./models.yaml)")
@@ -272,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     url = os.environ.get("MLX_SERVER_URL", DEFAULT_URL)
     p = sub.add_parser("ps", help="list loaded models of a running daemon")
+    p.add_argument("--all", action="store_true", help="every configured model with its state, and why a model failed")
     p.add_argument("--url", default=url)
     p.set_defaults(func=cmd_ps)
     p = sub.add_parser("load", help="load a model into a running daemon")

@@ -418,6 +418,11 @@ class Engine:
             self._die(f"{type(e).__name__}: {e}")
         finally:
             self._started.set()
+            if mx is not None:
+                # MLX requires each thread that used it to clear its streams before it
+                # ends; otherwise the process can abort at exit ("terminate called").
+                mx.synchronize()
+                mx.clear_streams()
 
     def _busy(self) -> bool:
         return bool(self._loads) or any(r.busy() for r in self._residents.values())

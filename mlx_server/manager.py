@@ -475,13 +475,27 @@ class Manager:
             await asyncio.sleep(SWEEP_INTERVAL)
 
     async def close(self) -> None:
-        """Stop loading; the engine's own shutdown drops what is resident."""
+        """Stop loading: a request waiting for a load gets a 503 instead of holding the exit."""
         self._closing = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with suppress(BaseException):
                 await task
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` for running and queued requests to end; returns how many are left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def busy() -> int:
+            return sum(r.leases for r in self._records.values()) + self.queue_depth()
+
+        while busy() and loop.time() < deadline:
+            self._changed.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+        return busy()
 
     # -- the one place state changes -------------------------------------------
 

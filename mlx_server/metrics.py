@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .config import normalize_name
+
 PREFIX = "mlx_server"
 OTHER = "other"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -66,7 +68,7 @@ class _LiveCollector(Collector):
 class Metrics:
     def __init__(self, models: Iterable[str], endpoints: Iterable[str]):
         self.registry = CollectorRegistry(auto_describe=True)
-        self._models = frozenset(models)
+        self._models = {normalize_name(n).lower(): n for n in models}
         self._endpoints = frozenset(endpoints)
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests_total", "HTTP requests answered", ["endpoint", "model", "status"], registry=r)
@@ -80,12 +82,15 @@ class Metrics:
         self.loads = Counter(f"{PREFIX}_model_loads_total", "Model loads by result", ["model", "result"], registry=r)
         self.load_duration = Histogram(f"{PREFIX}_model_load_duration_seconds", "Model load time", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.evictions = Counter(f"{PREFIX}_model_evictions_total", "Model unloads by reason", ["model", "reason"], registry=r)
-        for name in self._models:
+        for name in self._models.values():
             self.prompt_tokens.labels(name)
             self.generated_tokens.labels(name)
 
     def model_label(self, name: str | None) -> str:
-        return name if name in self._models else OTHER
+        """The configured name a request meant (":latest" implied, any case), else "other"."""
+        if not isinstance(name, str) or not name.strip():
+            return OTHER
+        return self._models.get(normalize_name(name.strip()).lower(), OTHER)
 
     def endpoint_label(self, path: str | None) -> str:
         return path if path in self._endpoints else OTHER

@@ -10,7 +10,7 @@ from aiohttp import web
 from .. import __version__
 from ..manager import ModelState
 from ..metrics import CONTENT_TYPE, LiveModel, LiveReading
-from .common import CONFIG, ENGINE, MANAGER, METRICS, REAPER, STARTED, rfc3339
+from .common import ENGINE, MANAGER, METRICS, REAPER, STARTED, rfc3339
 
 
 async def health(request: web.Request) -> web.Response:

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Run the whole test suite: make .venv (Python >= 3.11) and install .[test] if needed,
+# install prometheus for the metrics tests if missing, then pytest, offline.
+# Arguments go to pytest; the exit status is pytest's.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+ensure_venv test
+"$ROOT/scripts/install_prometheus.sh" || echo "warning: without prometheus the live metrics tests skip" >&2
+export HF_HUB_OFFLINE=1
+cd "$ROOT"
+exec "$VENV/bin/python" -m pytest "$@"
