@@ -12,6 +12,7 @@ so no model starves and no load stalls another model's streams for long.
 from __future__ import annotations
 
 import asyncio
+import copy
 import ctypes
 import gc
 import importlib
@@ -20,6 +21,7 @@ import queue
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -27,14 +29,20 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import EngineDead, GenerationFailed, MlxServerError
 from .options import GenerationOptions
 
 log = logging.getLogger("mlx_server.engine")
 
 LOAD_SLICE_SECONDS = 0.002  # longest a load may hold the thread between decode steps
-PREFILL_STEP = 1024
-EMBED_BATCH = 16
+PREFILL_STEP = 1024  # tokens per prefill chunk when nothing else is decoding
+PREFILL_SLICE_SECONDS = 0.25  # otherwise: the longest one chunk may hold back other streams
+PREFILL_FIRST_GUESS = 128  # chunk size before this model's prefill speed is known
+EMBED_BATCH = 16  # sequences per embedding slice; its padded tokens follow the prefill budget
+PROMPT_CACHE_ENTRIES = 64
+MIN_CACHE_REUSE = 16  # shared tokens below which copying a cached KV state is not worth it
 STATS_INTERVAL = 0.05
 
 LogitsProcessor = Callable[[Any, Any], Any]  # mlx_lm's: (tokens, logits) -> logits
@@ -83,7 +91,7 @@ class TextEvent:
 
 @dataclass(frozen=True, slots=True)
 class DoneEvent:
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
@@ -190,6 +198,68 @@ class _StopMatcher:
 
 
 @dataclass(slots=True)
+class _CachedPrompt:
+    tokens: np.ndarray  # int32: the tokens whose keys and values the cache holds
+    cache: list
+    nbytes: int
+
+
+class _PromptCache:
+    """KV caches of finished sequences, found again by their longest shared prefix.
+
+    A bounded LRU with a vectorised prefix compare per entry: well under a
+    millisecond per lookup. (mlx_lm's LRUPromptCache searches a trie whose cost
+    grows with every stored token: over a second at 256 entries of 2,000 tokens.)
+    Engine thread only; its bytes count in the model's memory and go with it.
+    """
+
+    def __init__(self, max_bytes: int, max_entries: int = PROMPT_CACHE_ENTRIES):
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.nbytes = 0
+        self._entries: OrderedDict[int, _CachedPrompt] = OrderedDict()
+        self._next_key = 0
+
+    def fetch(self, prompt: list[int]) -> tuple[list | None, list[int]]:
+        """A copy of the best cache for `prompt` (trimmed to the shared prefix) and the tokens still to process."""
+        wanted = np.asarray(prompt, dtype=np.int32)
+        best, shared = None, 0
+        for key, entry in self._entries.items():
+            n = min(len(entry.tokens), len(wanted))
+            if n <= shared:
+                continue
+            differs = np.flatnonzero(entry.tokens[:n] != wanted[:n])
+            common = int(differs[0]) if differs.size else n
+            if common > shared and (common == len(entry.tokens) or lm_cache.can_trim_prompt_cache(entry.cache)):
+                best, shared = key, common
+        reuse = min(shared, len(prompt) - 1)  # the last prompt token must run to give logits
+        if best is None or reuse < MIN_CACHE_REUSE:
+            return None, prompt
+        entry = self._entries[best]
+        if reuse < len(entry.tokens) and not lm_cache.can_trim_prompt_cache(entry.cache):
+            return None, prompt
+        self._entries.move_to_end(best)
+        cache = copy.deepcopy(entry.cache)
+        if reuse < len(entry.tokens):
+            lm_cache.trim_prompt_cache(cache, len(entry.tokens) - reuse)
+        return cache, prompt[reuse:]
+
+    def insert(self, tokens: list[int], cache: list) -> None:
+        nbytes = sum(c.nbytes for c in cache)
+        if nbytes > self.max_bytes or not tokens:
+            return
+        stored = np.asarray(tokens, dtype=np.int32)
+        if lm_cache.can_trim_prompt_cache(cache):  # it serves every prefix of itself too
+            for key in [k for k, e in self._entries.items() if len(e.tokens) <= len(stored) and np.array_equal(e.tokens, stored[: len(e.tokens)])]:
+                self.nbytes -= self._entries.pop(key).nbytes
+        self._entries[self._next_key] = _CachedPrompt(stored, cache, nbytes)
+        self._next_key += 1
+        self.nbytes += nbytes
+        while self._entries and (self.nbytes > self.max_bytes or len(self._entries) > self.max_entries):
+            self.nbytes -= self._entries.popitem(last=False)[1].nbytes
+
+
+@dataclass(slots=True)
 class _Sequence:
     job: GenerationJob
     detokenizer: Any
@@ -199,6 +269,7 @@ class _Sequence:
     uid: int | None = None  # its place in the model's BatchGenerator
     stream: Iterator | None = None  # or its own generate_step, for requests batching cannot serve
     cache: list | None = None  # the single stream's KV cache, kept for the prompt cache
+    prefilled: int = 0  # prompt tokens processed so far (batched path)
     tokens: list[int] = field(default_factory=list)
     first_token_at: float | None = None
 
@@ -211,8 +282,9 @@ class _Resident:
     weights_bytes: int
     batchable: bool
     batch_size: int
-    prompt_cache: Any  # mlx_lm LRUPromptCache
+    prompt_cache: _PromptCache
     batch: Any = None  # mlx_lm BatchGenerator, created on first use
+    prefill_rate: float | None = None  # prompt tokens per second, measured
     in_batch: dict[int, _Sequence] = field(default_factory=dict)
     single: list[_Sequence] = field(default_factory=list)
 
@@ -230,6 +302,15 @@ class _Loading:
     done: Future
     model: Any = None
     pending: list = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Embedding:
+    name: str
+    body: Any  # the model without its output head: tokens -> final hidden states
+    inputs: list[list[int]]
+    done: Future
+    vectors: list[list[float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -339,6 +420,8 @@ class Engine:
         self._load_slice = load_slice_seconds
         self._residents: dict[str, _Resident] = {}
         self._loads: list[_Loading] = []
+        self._embeddings: list[_Embedding] = []
+        self._decoding = False  # some stream, of any model, is past its prompt
         self._stopping = False
         self._emit_batch: list[tuple[GenerationJob, Event]] = []
         self.dead_reason: str | None = None
@@ -408,6 +491,10 @@ class Engine:
             while not self._stopping:
                 self._take_commands()
                 self._advance_loads()
+                self._advance_embeddings()
+                self._decoding = any(
+                    s.first_token_at is not None for r in self._residents.values() for s in (*r.in_batch.values(), *r.single)
+                )
                 for resident in list(self._residents.values()):
                     if resident.busy():
                         self._step(resident)
@@ -425,7 +512,7 @@ class Engine:
                 mx.clear_streams()
 
     def _busy(self) -> bool:
-        return bool(self._loads) or any(r.busy() for r in self._residents.values())
+        return bool(self._loads or self._embeddings) or any(r.busy() for r in self._residents.values())
 
     def _take_commands(self) -> None:
         block = not self._busy()
@@ -448,7 +535,8 @@ class Engine:
             if command.kind == "unload":
                 result = self._unload(command.payload)
             elif command.kind == "embed":
-                result = self._embed(*command.payload)
+                self._start_embedding(*command.payload, done=command.done)
+                return
             elif command.kind == "stop":
                 result = self._stop()
             else:
@@ -461,9 +549,10 @@ class Engine:
     def _stop(self) -> None:
         for name in list(self._residents):
             self._unload(name)
-        for loading in self._loads:
-            _fail(loading.done, EngineDead("shutting down"))
+        for pending in (*self._loads, *self._embeddings):
+            _fail(pending.done, EngineDead("shutting down"))
         self._loads.clear()
+        self._embeddings.clear()
         self._stopping = True
 
     # loading: lazy load, then evaluate the weights in time-boxed slices
@@ -500,7 +589,7 @@ class Engine:
                 weights_bytes=_nbytes(model.parameters()),
                 batchable=all(hasattr(c, "merge") for c in cache),
                 batch_size=loading.batch_size,
-                prompt_cache=lm_cache.LRUPromptCache(max_size=256, max_bytes=loading.prompt_cache_bytes),
+                prompt_cache=_PromptCache(loading.prompt_cache_bytes),
             )
             del cache
             self._residents[loading.name] = resident
@@ -518,6 +607,9 @@ class Engine:
         for loading in [l for l in self._loads if l.name == name]:
             self._loads.remove(loading)
             _fail(loading.done, RuntimeError(f"model '{name}' was unloaded while loading"))
+        for job in [j for j in self._embeddings if j.name == name]:
+            self._embeddings.remove(job)
+            _fail(job.done, GenerationFailed(f"model '{name}' was unloaded"))
         resident = self._residents.pop(name, None)
         if resident is not None:
             for seq in [*resident.in_batch.values(), *resident.single]:
@@ -547,13 +639,7 @@ class Engine:
             return
         try:
             prompt = list(request.prompt)
-            cache, rest = resident.prompt_cache.fetch_nearest_cache(resident.name, prompt)
-            if cache is not None and not rest:
-                if lm_cache.can_trim_prompt_cache(cache):
-                    lm_cache.trim_prompt_cache(cache, 1)
-                    rest = prompt[-1:]
-                else:
-                    cache, rest = None, prompt
+            cache, rest = resident.prompt_cache.fetch(prompt)
             seq = _Sequence(
                 job=job,
                 detokenizer=resident.tokenizer.detokenizer,
@@ -605,13 +691,16 @@ class Engine:
         if cancelled:
             resident.batch.remove(cancelled)
             for uid in cancelled:
-                del resident.in_batch[uid]
+                self._finish(resident.in_batch.pop(uid), "cancelled")
         if resident.in_batch:
+            resident.batch.prefill_step_size = self._prefill_step(resident)
+            started = time.perf_counter()
             try:
-                _, responses = resident.batch.next()
+                prompt_responses, responses = resident.batch.next()
             except Exception as e:  # MLX error or MemoryError: fail this batch, keep serving
                 self._fail_batch(resident, e)
             else:
+                self._measure_prefill(resident, prompt_responses, time.perf_counter() - started)
                 for r in responses:
                     seq = resident.in_batch.get(r.uid)
                     if seq is None:
@@ -621,9 +710,29 @@ class Engine:
         for seq in list(resident.single):
             self._step_single(resident, seq)
 
+    def _prefill_step(self, resident: _Resident) -> int:
+        """Prefill chunk size: as large as useful when nothing else is decoding,
+        else what this model prefills in PREFILL_SLICE_SECONDS (no stream stalls long)."""
+        if not self._decoding:
+            return PREFILL_STEP
+        if resident.prefill_rate is None:
+            return PREFILL_FIRST_GUESS
+        return max(32, min(PREFILL_STEP, int(resident.prefill_rate * PREFILL_SLICE_SECONDS)))
+
+    def _measure_prefill(self, resident: _Resident, prompt_responses: list, seconds: float) -> None:
+        processed = 0
+        for r in prompt_responses:
+            seq = resident.in_batch.get(r.uid)
+            if seq is not None:
+                processed += r.progress[0] - seq.prefilled
+                seq.prefilled = r.progress[0]
+        _record_prefill_rate(resident, processed, seconds)
+
     def _step_single(self, resident: _Resident, seq: _Sequence) -> None:
         if seq.job.cancelled.is_set():
             resident.single.remove(seq)
+            seq.stream.close()
+            self._finish(seq, "cancelled")
             return
         try:
             token, _ = next(seq.stream)
@@ -645,7 +754,7 @@ class Engine:
         if finished:
             resident.single.remove(seq)
             seq.stream.close()
-            resident.prompt_cache.insert_cache(resident.name, seq.prompt + seq.tokens, seq.cache)
+            resident.prompt_cache.insert(seq.prompt + seq.tokens, seq.cache)
 
     def _on_token(self, resident: _Resident, seq: _Sequence, token: int, finish: str | None) -> bool:
         """Detokenize one token and emit its text; True when the sequence is done."""
@@ -694,7 +803,7 @@ class Engine:
         else:
             cache, tokens = response.prompt_cache, response.all_tokens
         if cache is not None:
-            resident.prompt_cache.insert_cache(resident.name, list(tokens), cache)
+            resident.prompt_cache.insert(list(tokens), cache)
 
     def _fail_batch(self, resident: _Resident, error: Exception) -> None:
         log.error("batch step on '%s' failed: %s: %s", resident.name, type(error).__name__, error)
@@ -708,25 +817,44 @@ class Engine:
 
     # embeddings: mean-pooled, L2-normalised final hidden states
 
-    def _embed(self, name: str, inputs: list[list[int]]) -> list[list[float]]:
+    def _start_embedding(self, name: str, inputs: list[list[int]], *, done: Future) -> None:
         resident = self._residents.get(name)
+        body = getattr(resident.model, "model", None) if resident else None
         if resident is None:
-            raise GenerationFailed(f"model '{name}' is not loaded")
-        body = getattr(resident.model, "model", None)
-        if body is None or not callable(body):
-            raise GenerationFailed(f"model '{name}' cannot produce embeddings")
-        vectors: list[list[float]] = []
-        for start in range(0, len(inputs), EMBED_BATCH):
-            chunk = inputs[start : start + EMBED_BATCH]
-            width = max(len(t) for t in chunk)
-            tokens = mx.array([t + [0] * (width - len(t)) for t in chunk])
-            lengths = mx.array([len(t) for t in chunk])[:, None]
-            hidden = body(tokens).astype(mx.float32)
-            mask = (mx.arange(width)[None, :] < lengths)[..., None]
-            pooled = (hidden * mask).sum(axis=1) / lengths
-            pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-            vectors.extend(pooled.tolist())
-        return vectors
+            _fail(done, GenerationFailed(f"model '{name}' is not loaded"))
+        elif body is None or not callable(body):
+            _fail(done, GenerationFailed(f"model '{name}' cannot produce embeddings"))
+        else:
+            self._embeddings.append(_Embedding(name, body, list(inputs), done))
+
+    def _advance_embeddings(self) -> None:
+        """One bounded slice of the oldest embedding job, so decode steps go on meanwhile."""
+        if not self._embeddings:
+            return
+        job = self._embeddings[0]
+        if job.done.cancelled():  # its request went away
+            self._embeddings.pop(0)
+            return
+        resident = self._residents[job.name]
+        budget = self._prefill_step(resident)
+        start = len(job.vectors)
+        end, width = start, 0
+        while end < len(job.inputs) and end - start < EMBED_BATCH:
+            wider = max(width, len(job.inputs[end]))
+            if end > start and wider * (end - start + 1) > budget:
+                break
+            width, end = wider, end + 1
+        started = time.perf_counter()
+        try:
+            job.vectors.extend(_embed_slice(job.body, job.inputs[start:end], width))
+            _record_prefill_rate(resident, width * (end - start), time.perf_counter() - started)
+        except Exception as e:
+            self._embeddings.pop(0)
+            _fail(job.done, _generation_error(e))
+            return
+        if len(job.vectors) == len(job.inputs):
+            self._embeddings.pop(0)
+            _resolve(job.done, job.vectors)
 
     # events and stats
 
@@ -769,8 +897,8 @@ class Engine:
         for resident in self._residents.values():
             for seq in [*resident.in_batch.values(), *resident.single]:
                 self._emit(seq.job, ErrorEvent(error))
-        for loading in self._loads:
-            _fail(loading.done, error)
+        for pending in (*self._loads, *self._embeddings):
+            _fail(pending.done, error)
         self._flush_events()
         while True:
             try:
@@ -782,6 +910,25 @@ class Engine:
             elif command.done is not None:
                 _fail(command.done, error)
         self._flush_events()
+
+
+def _record_prefill_rate(resident: _Resident, tokens: int, seconds: float) -> None:
+    """Prompt tokens per second (smoothed): what sizes the next prefill or embedding slice."""
+    if tokens >= 16 and seconds > 0:
+        rate = tokens / seconds
+        resident.prefill_rate = rate if resident.prefill_rate is None else 0.5 * (resident.prefill_rate + rate)
+
+
+def _embed_slice(body: Any, chunk: list[list[int]], width: int) -> list[list[float]]:
+    """Mean-pooled, L2-normalised final hidden states; right padding is masked out
+    (causal attention keeps it from touching the real tokens)."""
+    tokens = mx.array([t + [0] * (width - len(t)) for t in chunk])
+    lengths = mx.array([len(t) for t in chunk])[:, None]
+    hidden = body(tokens).astype(mx.float32)
+    mask = (mx.arange(width)[None, :] < lengths)[..., None]
+    pooled = (hidden * mask).sum(axis=1) / lengths
+    pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return pooled.tolist()
 
 
 def _deliver(items: list[tuple[GenerationJob, Event]]) -> None:

@@ -30,14 +30,17 @@ async def run(engine, prompt: str, **kwargs):
     return "".join(e.text for e in events if isinstance(e, TextEvent)), events[-1]
 
 
+LONG = "The quick brown fox jumps over the lazy dog while the server streams tokens."
+
+
 async def test_greedy_generation_is_deterministic_and_counts_tokens(engine):
-    text1, done1 = await run(engine, "Hello there", max_tokens=24)
-    text2, done2 = await run(engine, "Hello there", max_tokens=24)
+    text1, done1 = await run(engine, LONG, max_tokens=24)
+    text2, done2 = await run(engine, LONG, max_tokens=24)
     assert isinstance(done1, DoneEvent) and done1.finish_reason == "length"
     assert done1.completion_tokens == 24 and len(done1.output_tokens) == 24
     assert text1 == text2 and text1 == engine.tokenizer.decode(list(done1.output_tokens))
-    assert done2.cached_tokens > 0  # the second run reused the prompt cache
-    assert done1.prompt_tokens == len(engine.tokenizer.encode("Hello there"))
+    assert done1.cached_tokens == 0 and done2.cached_tokens == done2.prompt_tokens - 1  # all but the last prompt token reused
+    assert done1.prompt_tokens == len(engine.tokenizer.encode(LONG)) > 16
 
 
 async def test_concurrent_requests_are_batched_and_all_complete(engine):
@@ -85,7 +88,7 @@ async def test_cancel_stops_a_sequence_within_a_step(engine):
         seen += 1
         if seen == 3:
             job.cancel()
-            break
+    assert isinstance(event, DoneEvent) and event.finish_reason == "cancelled"  # the stream ends, nobody hangs
     deadline = time.monotonic() + 2
     while engine.stats.models["m"].sequences and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
@@ -137,3 +140,80 @@ async def test_unload_returns_the_memory(engine, test_model):
     job = engine.generate(GenerationRequest(model="m", prompt=[1, 2, 3], max_tokens=4))
     events = [e async for e in job.events()]
     assert isinstance(events[-1], ErrorEvent)
+
+
+async def test_prompt_cache_reuses_shared_prefixes_only_when_worth_it(engine):
+    system = LONG * 3
+    _, first = await run(engine, system + " First question?", max_tokens=8)
+    _, second = await run(engine, system + " A different question?", max_tokens=8)
+    shared = len(engine.tokenizer.encode(system))
+    assert first.cached_tokens == 0
+    assert shared - 2 <= second.cached_tokens < second.prompt_tokens  # the common prefix, nothing more
+    _, short = await run(engine, "Tiny", max_tokens=4)
+    _, short_again = await run(engine, "Tiny", max_tokens=4)
+    assert short_again.cached_tokens == 0  # a few tokens are not worth copying a cache for
+
+
+def test_prompt_cache_is_bounded_and_drops_covered_prefixes():
+    from mlx_server import engine as engine_module
+
+    class FakeCache:
+        def __init__(self, tokens, nbytes):
+            self.offset, self.nbytes = tokens, nbytes
+
+        def is_trimmable(self):
+            return True
+
+        def trim(self, n):
+            self.offset -= n
+            return n
+
+    class FakeCacheModule:
+        @staticmethod
+        def can_trim_prompt_cache(cache):
+            return all(c.is_trimmable() for c in cache)
+
+        @staticmethod
+        def trim_prompt_cache(cache, n):
+            return [c.trim(n) for c in cache][0]
+
+    saved = engine_module.lm_cache
+    engine_module.lm_cache = FakeCacheModule
+    try:
+        cache = engine_module._PromptCache(max_bytes=1000, max_entries=3)
+        cache.insert(list(range(40)), [FakeCache(40, 100)])
+        cache.insert(list(range(60)), [FakeCache(60, 150)])  # extends the first: the first goes
+        assert cache.nbytes == 150 and len(cache._entries) == 1
+        found, rest = cache.fetch(list(range(50)) + [999])
+        assert found[0].offset == 50 and rest == [999]
+        for i in range(4):
+            cache.insert([1000 + i] * 30, [FakeCache(30, 100)])
+        assert len(cache._entries) == 3 and cache.nbytes == 300  # bounded by count, LRU first
+        cache.insert([7] * 30, [FakeCache(30, 5000)])  # larger than the whole budget: not kept
+        assert cache.nbytes == 300
+    finally:
+        engine_module.lm_cache = saved
+
+
+async def test_an_embedding_job_runs_in_slices_between_decode_steps(engine):
+    texts = [engine.tokenizer.encode(f"short text {i}") for i in range(160)]  # ten slices of 16
+    job = engine.generate(GenerationRequest(model="m", prompt=engine.tokenizer.encode("stream"), max_tokens=100_000))
+    arrivals = 0
+    embedding = asyncio.ensure_future(engine.embed("m", texts))
+    async for _ in job.events():
+        arrivals += 1
+        if embedding.done():
+            break
+    job.cancel()
+    vectors = await embedding
+    assert len(vectors) == 160 and vectors[1] == pytest.approx((await engine.embed("m", texts[1:2]))[0], abs=1e-5)
+    assert arrivals > 3  # tokens kept flowing while the embeddings were computed
+
+
+async def test_a_cancelled_embedding_job_is_dropped(engine):
+    texts = [engine.tokenizer.encode(LONG * 6) for _ in range(200)]
+    embedding = asyncio.ensure_future(engine.embed("m", texts))
+    await asyncio.sleep(0.05)
+    embedding.cancel()
+    _, done = await run(engine, "after", max_tokens=4)
+    assert isinstance(done, DoneEvent) and not engine._embeddings
