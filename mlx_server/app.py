@@ -10,7 +10,7 @@ from contextlib import suppress
 
 from aiohttp import web
 
-from .api import anthropic, ollama, openai, status
+from .api import anthropic, ollama, openai, openapi, status
 from .api.common import (
     CONFIG,
     ENGINE,
@@ -36,13 +36,14 @@ def create_app(config: Config, *, probe: Callable[[], HostMemory] = read_host_me
     """The whole daemon as one Application; `probe` reads host memory (tests fake it)."""
     server = config.server
     middlewares = [make_cors_middleware(server.cors_origins)] if server.cors_origins else []
-    middlewares += [access_log_middleware, errors_middleware, make_auth_middleware(server.api_key)]
-    if server.rate_limit is not None:
+    middlewares += [access_log_middleware, errors_middleware]
+    if server.rate_limit is not None:  # before auth: wrong keys count against the caller's bucket too
         middlewares.append(make_rate_limit_middleware(server.rate_limit.requests, server.rate_limit.per))
+    middlewares.append(make_auth_middleware(server.api_key))
     app = web.Application(client_max_size=int(server.max_body_mb * (1 << 20)), middlewares=middlewares)
     app[CONFIG] = config
     app[STARTED] = time.monotonic()
-    for module in (ollama, openai, anthropic, status):
+    for module in (ollama, openai, anthropic, status, openapi):
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
     app[ENGINE] = Engine()

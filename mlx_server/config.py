@@ -16,14 +16,16 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import BadRequest
+from .errors import BadRequest, brief
 from .options import parse_options
 
 DEFAULT_PORT = 11435
 FOREVER = math.inf
+FOREVER_AFTER = 100 * 365 * 86400.0
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NUMBER_RE = re.compile(r"\d+(\.\d+)?")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -40,18 +42,16 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"bad duration {value!r}")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ValueError(f"bad duration {value!r}")
+        if isinstance(value, int) and abs(value) > 1e300 or not math.isfinite(value):
+            raise ValueError(f"bad duration {brief(value)}")
         return float(value)
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"bad duration {value!r}")
     text = value.strip().lower()
     sign = -1.0 if text.startswith("-") else 1.0
     body = text.lstrip("+-")
-    try:
+    if _NUMBER_RE.fullmatch(body):  # not float(): it takes "inf", "nan" and "1e999"
         return sign * float(body)
-    except ValueError:
-        pass
     parts = _DURATION_RE.findall(body)
     if not parts or "".join(n + u for n, u in parts) != body:
         raise ValueError(f"bad duration {value!r} (use seconds, or e.g. '30s', '5m', '1h', '-1')")
@@ -59,9 +59,12 @@ def parse_duration(value: Any) -> float:
 
 
 def parse_keep_alive(value: Any) -> float:
-    """Ollama semantics: negative means forever, 0 means unload after use."""
+    """Ollama semantics: negative means forever, 0 means unload after use.
+
+    Longer than a century is forever too, so that expiry times stay datable.
+    """
     seconds = parse_duration(value)
-    return FOREVER if seconds < 0 else seconds
+    return FOREVER if seconds < 0 or seconds > FOREVER_AFTER else seconds
 
 
 def normalize_name(name: str) -> str:

@@ -6,6 +6,14 @@ handler only raises and never builds an error body itself.
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def brief(value: Any) -> str:
+    """A value for an error message, cut short: requests can send megabytes."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"a {len(str(abs(value)))}-digit number"
+    return text if len(text) <= 80 else text[:77] + "..."
+
 
 class MlxServerError(Exception):
     """Base class: an error a client is told about, with its HTTP status."""

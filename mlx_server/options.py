@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .errors import BadRequest
+from .errors import BadRequest, brief
 
 # Every option the Ollama API documents. Those not in GenerationOptions are
 # accepted and ignored (they tune llama.cpp, which MLX does not have).
@@ -51,10 +51,10 @@ _FIELDS = {f.name for f in fields(GenerationOptions)}
 
 
 def _number(name: str, value: Any, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRequest(f"option '{name}' must be a number, got {value!r}", param=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"option '{name}' must be a number, got {brief(value)}", param=name)
     if not lo <= value <= hi:
-        raise BadRequest(f"option '{name}' must be between {lo:g} and {hi:g}, got {value!r}", param=name)
+        raise BadRequest(f"option '{name}' must be between {lo:g} and {hi:g}, got {brief(value)}", param=name)
     return float(value)
 
 
@@ -62,9 +62,9 @@ def _integer(name: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"option '{name}' must be an integer, got {value!r}", param=name)
+        raise BadRequest(f"option '{name}' must be an integer, got {brief(value)}", param=name)
     if not lo <= value <= hi:
-        raise BadRequest(f"option '{name}' must be between {lo} and {hi}, got {value}", param=name)
+        raise BadRequest(f"option '{name}' must be between {lo} and {hi}, got {brief(value)}", param=name)
     return value
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from .errors import BadRequest
+from .errors import brief
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 FIM_MARKERS = (
@@ -20,18 +21,33 @@ FIM_MARKERS = (
 )
 
 
+MAX_MESSAGES = 100_000  # Anthropic's own limit; far past any context window
+
+
+def message_list(raw: Any, *, field: str = "messages", empty: bool = True) -> list[Any]:
+    """A request's messages array: a list, not too long, non-empty unless `empty`."""
+    if not isinstance(raw, list) or not (empty or raw):
+        raise BadRequest(f"'{field}' must be {'an' if empty else 'a non-empty'} array of messages", param=field)
+    if len(raw) > MAX_MESSAGES:
+        raise BadRequest(f"'{field}' has {len(raw)} messages; at most {MAX_MESSAGES} are allowed", param=field)
+    return raw
+
+
 def validate_messages(messages: Any, *, field: str = "messages") -> list[dict[str, Any]]:
     """Check the internal message shape; a 400 naming the message and key otherwise."""
-    if not isinstance(messages, list):
-        raise BadRequest(f"'{field}' must be an array of messages", param=field)
-    for i, m in enumerate(messages):
+    for i, m in enumerate(message_list(messages, field=field)):
         if not isinstance(m, dict):
             raise BadRequest(f"'{field}[{i}]' must be an object", param=field)
         role = m.get("role")
-        if role not in ROLES:
-            raise BadRequest(f"'{field}[{i}].role' must be one of {', '.join(sorted(ROLES))}, got {role!r}", param=field)
-        if not isinstance(m.get("content", ""), str):
+        if not isinstance(role, str) or role not in ROLES:
+            raise BadRequest(f"'{field}[{i}].role' must be one of {', '.join(sorted(ROLES))}, got {brief(role)}", param=field)
+        if not isinstance(m.get("content", ""), (str, type(None))):  # null reads as "", as Ollama reads it
             raise BadRequest(f"'{field}[{i}].content' must be a string", param=field)
+        for key in ("name", "tool_call_id"):
+            if not isinstance(m.get(key, ""), str):
+                raise BadRequest(f"'{field}[{i}].{key}' must be a string", param=field)
+        if not isinstance(m.get("tool_calls", []), list):
+            raise BadRequest(f"'{field}[{i}].tool_calls' must be an array", param=field)
     return messages
 
 
@@ -51,6 +67,8 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], *, tools: list[A
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
     except TemplateError as e:
         raise BadRequest(f"the model's chat template rejected these messages: {e}", param="messages") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # the template tripped on their shape
+        raise BadRequest(f"the model's chat template failed on these messages: {type(e).__name__}: {e}", param="messages") from None
     if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from copy import copy
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ import llguidance
 import llguidance.numpy as llnp
 import numpy as np
 
-from .errors import BadRequest
+from .errors import BadRequest, brief
 
 # Compact JSON: no free whitespace, which a model could otherwise emit forever.
 # Lenient, as Ollama is: keywords llguidance cannot enforce (uniqueItems, unknown
@@ -42,15 +43,28 @@ _CHEAP_WORDS = frozenset({b"null", b"true", b"false", b"[]", b"{}"})
 def json_grammar(schema: dict[str, Any] | None, *, param: str) -> str:
     """An llguidance grammar for a JSON schema (None: any JSON object); 400 if invalid."""
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            closed_objects(schema) if schema is not None else {"type": "object"}, defaults=JSON_OPTIONS
-        )
+        with _panics_as(f"'{param}' could not be compiled as a JSON schema", param):
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                closed_objects(schema) if schema is not None else {"type": "object"}, defaults=JSON_OPTIONS
+            )
+            failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     except ValueError as e:
-        raise BadRequest(f"'{param}': {e}", param=param) from None
-    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+        raise BadRequest(f"'{param}': {brief(str(e))}", param=param) from None
     if failed:
         raise BadRequest(f"'{param}' is not a usable JSON schema: {'; '.join(messages)}", param=param)
     return grammar
+
+
+@contextmanager
+def _panics_as(message: str, param: str | None = None):
+    """llguidance's Rust code can panic on odd input; pyo3 raises that as a BaseException,
+    which no handler would catch. For the caller it is a grammar that cannot be used."""
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise BadRequest(message, param=param) from None
 
 
 _SUBSCHEMA = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames")
@@ -144,7 +158,8 @@ class Constraint:
         Runs in a worker thread: the first call per tokenizer builds llguidance's tables.
         """
         vocabulary = _vocabulary(tokenizer)
-        matcher = llguidance.LLMatcher(vocabulary.lltokenizer, self.grammar, log_level=0)
+        with _panics_as("the grammar could not be built for this model's tokenizer"):
+            matcher = llguidance.LLMatcher(vocabulary.lltokenizer, self.grammar, log_level=0)
         if matcher.is_error():
             raise BadRequest(f"the grammar does not fit this model's tokenizer: {matcher.get_error()}")
         return lambda: _GrammarProcessor(self, matcher, vocabulary, budget)

@@ -65,8 +65,8 @@ def template_tool_call(call_id: str | None, name: str, arguments: Any) -> dict[s
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
-            pass  # templates print a string as it is
+        except ValueError:  # not JSON, or a number too long to convert: templates print the string as it is
+            pass
     call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
     if call_id:
         call["id"] = call_id

@@ -18,8 +18,9 @@ from aiohttp import web
 from ..config import ModelConfig
 from ..engine import DoneEvent
 from ..errors import BadRequest, MlxServerError
+from ..errors import brief
 from ..options import GenerationOptions
-from ..prompts import chat_prompt, validate_messages
+from ..prompts import chat_prompt, message_list, validate_messages
 from ..structured import Constraint, json_grammar
 from ..tools import CONTENT, THINKING, TOOL_CALL, OutputParser, Piece, Reply, ToolCall, collect, pieces, starts_in_thinking, template_tool_call
 from .common import MANAGER, MODEL_KEY, CompletionSpec, LineStream, completion, error_body, field, keep_alive_field, model_field, read_json
@@ -67,7 +68,7 @@ def anthropic_tools(raw: Any, tool_choice: Any) -> list[dict[str, Any]]:
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
             raise BadRequest(f"'tools[{i}].name' must be a non-empty string", param="tools")
         if tool.get("type") not in (None, "custom"):
-            raise BadRequest(f"'tools[{i}]': server tools ({tool['type']}) are not supported; define the tool with input_schema", param="tools")
+            raise BadRequest(f"'tools[{i}]': server tools ({brief(tool['type'])}) are not supported; define the tool with input_schema", param="tools")
         schema = tool.get("input_schema", {"type": "object"})
         if not isinstance(schema, dict):
             raise BadRequest(f"'tools[{i}].input_schema' must be a JSON schema object", param="tools")
@@ -87,15 +88,13 @@ def _tool_result_text(block: dict[str, Any], where: str) -> str:
 
 def anthropic_messages(raw: Any, system: str) -> list[dict[str, Any]]:
     """Anthropic messages -> the internal shape: tool results become tool messages."""
-    if not isinstance(raw, list) or not raw:
-        raise BadRequest("'messages' must be a non-empty array", param="messages")
     converted: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     names: dict[str, str] = {}  # tool_use id -> tool name
-    for i, m in enumerate(raw):
+    for i, m in enumerate(message_list(raw, empty=False)):
         where = f"messages[{i}]"
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("user", "assistant"):
-            raise BadRequest(f"'{where}.role' must be 'user' or 'assistant', got {role!r}", param="messages")
+            raise BadRequest(f"'{where}.role' must be 'user' or 'assistant', got {brief(role)}", param="messages")
         content = m.get("content")
         if isinstance(content, str):
             converted.append({"role": role, "content": content})
@@ -123,7 +122,7 @@ def anthropic_messages(raw: Any, system: str) -> list[dict[str, Any]]:
             elif kind in ("image", "document"):
                 raise BadRequest(f"'{at}': this server's models accept text only, not {kind}", param="messages")
             else:
-                raise BadRequest(f"'{at}.type' {kind!r} is not supported in a {role} message", param="messages")
+                raise BadRequest(f"'{at}.type' {brief(kind)} is not supported in a {role} message", param="messages")
         if texts or calls:
             converted.append({"role": role, "content": "\n".join(texts)} | ({"tool_calls": calls} if calls else {}))
     return validate_messages(converted)

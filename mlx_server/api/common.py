@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from ..config import Config, parse_keep_alive
 from ..engine import DoneEvent, Engine, ErrorEvent, GenerationJob, GenerationRequest, TextEvent
 from ..errors import BadRequest, MlxServerError, PayloadTooLarge, RateLimited, RouteError, Unauthorized
 from ..manager import Lease, Manager
 from ..metrics import Metrics
+from ..errors import brief
 from ..options import GenerationOptions
 from ..reaper import Reaper
 
@@ -39,6 +41,7 @@ STARTED = web.AppKey("started", float)
 
 MODEL_KEY = web.RequestKey("model", str)  # the model a request named, for logs and metrics
 TOKENS_KEY = web.RequestKey("tokens", int)  # tokens generated, for the access log
+RESPONSE_HEADERS = web.RequestKey("response_headers", dict)  # set by middlewares (CORS), for streams too
 PUBLIC_PATHS = frozenset({"/", "/health", "/metrics"})
 NDJSON = "application/x-ndjson"
 MAX_JSON_DEPTH = 64
@@ -46,27 +49,70 @@ MAX_JSON_DEPTH = 64
 
 # --- request bodies --------------------------------------------------------------
 
+PARSE_IN_THREAD = 1 << 20  # bodies this big are parsed off the event loop, so streams keep flowing
+JSON_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")  # curl -d sends the last
+MAX_MODEL_NAME = 512
+MAX_DIGITS = 1000  # no field needs more; Python refuses to convert past 4,300 anyway
+
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong with it."""
     raw = await request.read()
+    content_type = request.content_type if hdrs.CONTENT_TYPE in request.headers else "application/json"
+    if len(raw) > PARSE_IN_THREAD:
+        return await asyncio.to_thread(decode_json, raw, content_type)
+    return decode_json(raw, content_type)
+
+
+def decode_json(raw: bytes, content_type: str = "application/json") -> dict[str, Any]:
+    """Strict JSON (no NaN or Infinity, no 5,000-digit numbers), one object, at most 64 deep."""
     if not raw:
         raise BadRequest("request body is empty; expected a JSON object")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
+        raise BadRequest(f"request body is not valid UTF-8 (byte {e.start}){_sent_as(content_type)}") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_integer)
     except json.JSONDecodeError as e:
-        raise BadRequest(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise BadRequest(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}{_sent_as(content_type)}") from None
     except RecursionError:
         raise BadRequest(f"JSON nested too deeply (limit {MAX_JSON_DEPTH})") from None
+    except ValueError as e:  # from the three hooks below
+        raise BadRequest(f"invalid JSON: {e}") from None
     if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+        raise BadRequest(f"request body must be a JSON object, got {_json_kind(body)}")
     if _depth(body) > MAX_JSON_DEPTH:
         raise BadRequest(f"JSON nested too deeply (limit {MAX_JSON_DEPTH})")
     return body
+
+
+def _sent_as(content_type: str) -> str:
+    if content_type.endswith("+json") or content_type in JSON_TYPES:
+        return ""
+    return f" (the body was sent as {content_type}; send JSON with Content-Type: application/json)"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _integer(text: str) -> int:
+    if len(text) > MAX_DIGITS:
+        raise ValueError(f"a number {len(text)} digits long is too long")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range for a number")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _depth(value: Any, limit: int = MAX_JSON_DEPTH + 1) -> int:
@@ -96,6 +142,8 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
     value = body[name]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 1e300:  # beyond what a float holds
+            raise BadRequest(f"'{name}' is out of range", param=name)
         return float(value)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         expected = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
@@ -103,20 +151,25 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
     return value
 
 
-def model_field(body: dict[str, Any]) -> str:
-    name = field(body, "model", str, required=True)
+def model_field(body: dict[str, Any], key: str = "model") -> str:
+    name = field(body, key, str, required=True)
     if not name.strip():
-        raise BadRequest("'model' must not be empty", param="model")
+        raise BadRequest(f"'{key}' must not be empty", param=key)
+    if len(name) > MAX_MODEL_NAME:  # no configured name is this long; keeps it out of logs
+        raise BadRequest(f"'{key}' is {len(name)} characters long; names are at most {MAX_MODEL_NAME}", param=key)
     return name
 
 
 def keep_alive_field(body: dict[str, Any]) -> float | None:
     if body.get("keep_alive") is None:
         return None
+    value = body["keep_alive"]
     try:
-        return parse_keep_alive(body["keep_alive"])
-    except ValueError as e:
-        raise BadRequest(f"'keep_alive': {e}", param="keep_alive") from None
+        return parse_keep_alive(value)
+    except ValueError:
+        raise BadRequest(
+            f"'keep_alive' must be a duration: seconds, or e.g. '30s', '5m', '1h' (negative: forever), got {brief(value)}", param="keep_alive"
+        ) from None
 
 
 def rfc3339(ts: float | None = None) -> str:
@@ -243,6 +296,7 @@ class LineStream:
                 "Content-Type": "text/event-stream; charset=utf-8" if sse else NDJSON,
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
+                **request.get(RESPONSE_HEADERS, {}),
             }
         )
         self.started = False
@@ -305,15 +359,20 @@ async def errors_middleware(request: web.Request, handler):
         return await handler(request)
     except MlxServerError as e:
         return error_response(family, e)
-    except web.HTTPRequestEntityTooLarge as e:
-        return error_response(family, PayloadTooLarge(f"request body too large ({e.actual_size} bytes; limit {e.max_size} bytes, server.max_body_mb)"))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].server.max_body_mb
+        return error_response(family, PayloadTooLarge(f"request body too large: the limit is {limit:g} MB (server.max_body_mb)"))
     except web.HTTPException as e:
         if e.status == 404:
             return error_response(family, RouteError(f"no route for {request.method} {request.path}", 404))
         if e.status == 405:
-            return error_response(family, RouteError(f"method {request.method} is not allowed on {request.path}", 405))
+            response = error_response(family, RouteError(f"method {request.method} is not allowed on {request.path}", 405))
+            response.headers[hdrs.ALLOW] = e.headers.get(hdrs.ALLOW, "")
+            return response
         raise
-    except (asyncio.CancelledError, ConnectionResetError):
+    except ConnectionResetError:  # the client left mid-answer: nobody to tell, nothing went wrong here
+        return web.Response(status=499, reason="Client Closed Request")
+    except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
@@ -332,7 +391,8 @@ def make_auth_middleware(api_key: str | None):
         bearer = request.headers.get("Authorization", "")
         if bearer[:7].lower() == "bearer ":
             supplied = bearer[7:].strip()
-        if not hmac.compare_digest(supplied.encode(), expected):
+        # surrogateescape: header bytes that are not UTF-8 compare as themselves, never raise
+        if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"), expected):
             raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')")
         return await handler(request)
 
@@ -366,21 +426,23 @@ def make_rate_limit_middleware(requests: int, per: float, clock: Callable[[], fl
 
 
 def make_cors_middleware(origins: tuple[str, ...]):
+    """CORS headers for the listed origins only; a stream gets them from `LineStream`."""
     allowed = frozenset(origins)
 
     @web.middleware
     async def cors_middleware(request: web.Request, handler):
         origin = request.headers.get("Origin")
-        permitted = origin is not None and (origin in allowed or "*" in allowed)
-        if request.method == "OPTIONS" and permitted:
-            response = web.Response(status=204)
-        else:
-            response = await handler(request)
-        if permitted:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, x-api-key, anthropic-version"
-            response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, POST, OPTIONS"
+        if origin is None or not (origin in allowed or "*" in allowed):
+            return await handler(request)
+        request[RESPONSE_HEADERS] = {
+            "Access-Control-Allow-Origin": origin,
+            "Vary": "Origin",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta",
+            "Access-Control-Allow-Methods": "GET, HEAD, POST, OPTIONS",
+        }
+        response = web.Response(status=204) if request.method == "OPTIONS" else await handler(request)
+        if not response.prepared:  # a stream was sent with its headers already
+            response.headers.update(request[RESPONSE_HEADERS])
         return response
 
     return cors_middleware

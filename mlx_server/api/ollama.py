@@ -21,6 +21,7 @@ from .. import __version__
 from ..config import ModelConfig
 from ..errors import BadRequest, MlxServerError, UpstreamError
 from ..manager import ModelSnapshot, ModelState
+from ..errors import brief
 from ..options import GenerationOptions, merge_options, parse_options
 from ..prompts import chat_prompt, fim_prompt, text_prompt, validate_messages
 from ..sources import SourceError, describe, locate, peek
@@ -45,6 +46,7 @@ from .common import (
 )
 
 FOREVER_TIMESTAMP = 10_000_000_000.0  # 2286-11-20: how "never expires" reads in expires_at
+MAX_EMBED_INPUTS = 2048  # OpenAI's limit: one request must not hold the engine thread for minutes
 
 
 def request_options(request: web.Request, model: ModelConfig, raw: Any, *, names: dict[str, str] | None = None) -> GenerationOptions:
@@ -71,7 +73,7 @@ def format_constraint(value: Any) -> Constraint | None:
         return Constraint(json_grammar(None, param="format"))
     if isinstance(value, dict):
         return Constraint(json_grammar(value, param="format"))
-    raise BadRequest(f"'format' must be \"json\" or a JSON schema object, got {value!r}", param="format")
+    raise BadRequest(f"'format' must be \"json\" or a JSON schema object, got {brief(value)}", param="format")
 
 
 def think_with_format(think: bool | None, constraint: Constraint | None) -> bool | None:
@@ -234,6 +236,8 @@ def chat_messages(raw: Any) -> list[dict[str, Any]]:
         if m.get("tool_calls"):
             item["tool_calls"] = [_history_call(i, call) for call in m["tool_calls"]]
         if m.get("tool_name"):
+            if not isinstance(m["tool_name"], str):
+                raise BadRequest(f"'messages[{i}].tool_name' must be a string", param="messages")
             item["name"] = m["tool_name"]
         converted.append(item)
     return converted
@@ -295,6 +299,8 @@ async def embed_inputs(
 
     Every API's embeddings route comes here; no inputs just loads the model.
     """
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise BadRequest(f"'{param}' has {len(inputs)} items; at most {MAX_EMBED_INPUTS} are embedded per request", param=param)
     app = request.app
     started = time.perf_counter()
     async with app[MANAGER].lease(name, keep_alive=keep_alive) as lease:
@@ -489,11 +495,14 @@ def _show(model: ModelConfig, snap: ModelSnapshot) -> dict[str, Any]:
     }
 
 
+def _name_key(body: dict[str, Any]) -> str:
+    """/api/show and /api/pull take `model`, or `name` from older clients."""
+    return "name" if body.get("model") is None and body.get("name") is not None else "model"
+
+
 async def show(request: web.Request) -> web.Response:
     body = await read_json(request)
-    name = field(body, "model", str) or field(body, "name", str)
-    if not name:
-        raise BadRequest("'model' is required", param="model")
+    name = model_field(body, _name_key(body))
     request[MODEL_KEY] = name
     model = request.app[MANAGER].resolve(name)
     snap = next(s for s in request.app[MANAGER].snapshot() if s.name == model.name)
@@ -503,9 +512,7 @@ async def show(request: web.Request) -> web.Response:
 async def pull(request: web.Request) -> web.StreamResponse:
     """Fetch a configured model's files; requests can never name a new source."""
     body = await read_json(request)
-    name = field(body, "model", str) or field(body, "name", str)
-    if not name:
-        raise BadRequest("'model' is required", param="model")
+    name = model_field(body, _name_key(body))
     request[MODEL_KEY] = name
     model = request.app[MANAGER].resolve(name)
     stream = field(body, "stream", bool, True)

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..engine import DoneEvent, TextEvent
 from ..errors import BadRequest, MlxServerError
 from ..options import GenerationOptions
-from ..prompts import chat_prompt, fim_prompt, text_prompt, validate_messages
+from ..prompts import chat_prompt, fim_prompt, message_list, text_prompt, validate_messages
 from ..structured import Constraint, json_grammar
 from ..tools import THINKING, TOOL_CALL, OutputParser, Piece, Reply, ToolCall, collect, function_tools, pieces, starts_in_thinking, template_tool_call
 from .common import CONFIG, MANAGER, MODEL_KEY, CompletionSpec, LineStream, completion, error_body, field, keep_alive_field, model_field, read_json
@@ -100,15 +100,14 @@ def _text_content(content: Any, where: str) -> str:
 
 def openai_messages(raw: Any) -> list[dict[str, Any]]:
     """OpenAI chat messages -> the internal shape; tool results learn their tool's name."""
-    if not isinstance(raw, list) or not raw:
-        raise BadRequest("'messages' must be a non-empty array", param="messages")
     converted: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool_call_id -> function name
-    for i, m in enumerate(raw):
+    for i, m in enumerate(message_list(raw, empty=False)):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise BadRequest(f"'{where}' must be an object", param="messages")
-        role = {"developer": "system", "function": "tool"}.get(m.get("role"), m.get("role"))
+        role = m.get("role")
+        role = {"developer": "system", "function": "tool"}.get(role, role) if isinstance(role, str) else role
         item: dict[str, Any] = {"role": role, "content": _text_content(m.get("content"), where)}
         calls = m.get("tool_calls") if role == "assistant" else None
         if calls:
