@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +272,11 @@ class DaemonProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def ready_daemon(directory: str | Path, models: list[dict], *, ready: str = "demo", **sections: dict) -> Iterator[DaemonProcess]:
+    """A daemon serving `models` (written to DIRECTORY/models.yaml) once `ready` has loaded."""
+    with DaemonProcess(write_config(Path(directory) / "models.yaml", models, **sections)) as daemon:
+        daemon.wait_ready(ready)
+        yield daemon

@@ -197,6 +197,14 @@ class Reply:
     calls: list[ToolCall] = field(default_factory=list)
     done: DoneEvent | None = None
 
+    def add(self, piece: Piece) -> None:
+        if piece.kind == TOOL_CALL:
+            self.calls.append(piece.call)
+        elif piece.kind == THINKING:
+            self.thinking += piece.text
+        else:
+            self.content += piece.text
+
 
 async def pieces(events: AsyncIterator[TextEvent | DoneEvent], parser: OutputParser) -> AsyncIterator[Piece | DoneEvent]:
     """The completion's events as parsed pieces, then its DoneEvent."""
@@ -215,10 +223,6 @@ async def collect(events: AsyncIterator[TextEvent | DoneEvent], parser: OutputPa
     async for item in pieces(events, parser):
         if isinstance(item, DoneEvent):
             reply.done = item
-        elif item.kind == TOOL_CALL:
-            reply.calls.append(item.call)
-        elif item.kind == THINKING:
-            reply.thinking += item.text
         else:
-            reply.content += item.text
+            reply.add(item)
     return reply

@@ -21,15 +21,10 @@ GREEDY = {"extra_body": {"temperature": 0}}
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, test_model):
-    from mlx_server.testing import DaemonProcess, write_config
+    from mlx_server.testing import ready_daemon
 
-    config = write_config(
-        tmp_path_factory.mktemp("anthropic") / "models.yaml",
-        [{"name": "demo", "source": str(test_model), "preload": True}],
-        server={"api_key": KEY},
-    )
-    with DaemonProcess(config) as daemon:
-        daemon.wait_ready("demo")
+    models = [{"name": "demo", "source": str(test_model), "preload": True}]
+    with ready_daemon(tmp_path_factory.mktemp("anthropic"), models, server={"api_key": KEY}) as daemon:
         yield daemon
 
 

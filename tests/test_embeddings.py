@@ -26,14 +26,10 @@ LONG = "Memory pressure makes the reaper unload idle models. " * 20
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, test_model):
-    from mlx_server.testing import DaemonProcess, write_config
+    from mlx_server.testing import ready_daemon
 
-    config = write_config(
-        tmp_path_factory.mktemp("embed") / "models.yaml",
-        [{"name": "demo", "source": str(test_model), "preload": True, "context_length": CONTEXT}],
-    )
-    with DaemonProcess(config) as daemon:
-        daemon.wait_ready("demo")
+    models = [{"name": "demo", "source": str(test_model), "preload": True, "context_length": CONTEXT}]
+    with ready_daemon(tmp_path_factory.mktemp("embed"), models) as daemon:
         yield daemon
 
 

@@ -96,6 +96,19 @@ async def use(manager: Manager, name: str, **kwargs) -> None:
         pass
 
 
+async def hold(manager: Manager, name: str) -> tuple[asyncio.Task, asyncio.Event]:
+    """Take a lease on `name` and keep it until the returned event is set."""
+    release = asyncio.Event()
+
+    async def holder():
+        async with manager.lease(name):
+            await release.wait()
+
+    task = asyncio.create_task(holder())
+    await settle()
+    return task, release
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -162,14 +175,7 @@ async def test_busy_models_holding_memory_give_503_with_retry_after_naming_them(
 
 async def test_a_load_waits_for_busy_models_to_finish():
     manager, backend = make([{"name": "a"}, {"name": "b"}], budget_gb=1.5, clock=time.monotonic, server={"queue_timeout": 5})
-    release = asyncio.Event()
-
-    async def hold_a():
-        async with manager.lease("a"):
-            await release.wait()
-
-    holder = asyncio.create_task(hold_a())
-    await settle()
+    holder, release = await hold(manager, "a")
     waiter = asyncio.create_task(use(manager, "b"))
     await asyncio.sleep(0.05)
     assert state(manager, "a") is ModelState.READY and not waiter.done()
@@ -241,14 +247,7 @@ async def test_forever_and_pinned_never_expire():
 
 async def test_manual_unload_waits_for_running_requests():
     manager, backend = make([{"name": "a", "keep_alive": -1}])
-    release = asyncio.Event()
-
-    async def hold():
-        async with manager.lease("a"):
-            await release.wait()
-
-    task = asyncio.create_task(hold())
-    await settle()
+    task, release = await hold(manager, "a")
     assert await manager.unload("a") == "scheduled"
     assert state(manager, "a") is ModelState.READY
     release.set()
@@ -289,14 +288,7 @@ async def test_a_model_larger_than_the_budget_fails_fast():
 
 async def test_queue_bounds_give_503_at_once():
     manager, backend = make([{"name": "a", "max_concurrency": 1}], server={"max_queue": 1, "queue_timeout": 5})
-    release = asyncio.Event()
-
-    async def hold():
-        async with manager.lease("a"):
-            await release.wait()
-
-    running = asyncio.create_task(hold())
-    await settle()
+    running, release = await hold(manager, "a")
     queued = asyncio.create_task(use(manager, "a"))
     await settle()
     assert manager.queue_depth() == 1
@@ -310,14 +302,7 @@ async def test_queue_bounds_give_503_at_once():
 
 async def test_waiting_for_a_slot_times_out_with_503():
     manager, backend = make([{"name": "a", "max_concurrency": 1}], clock=time.monotonic, server={"queue_timeout": 0.1})
-    release = asyncio.Event()
-
-    async def hold():
-        async with manager.lease("a"):
-            await release.wait()
-
-    task = asyncio.create_task(hold())
-    await settle()
+    task, release = await hold(manager, "a")
     with pytest.raises(QueueFull, match="max_concurrency 1"):
         await use(manager, "a")
     release.set()
@@ -376,14 +361,7 @@ async def test_reaper_unloads_idle_models_until_below_low_water():
         await use(manager, name)
         clock.advance(1)
     reaper = Reaper(manager, manager.config.memory, probe)
-    release = asyncio.Event()
-
-    async def hold():
-        async with manager.lease("busy"):
-            await release.wait()
-
-    task = asyncio.create_task(hold())
-    await settle()
+    task, release = await hold(manager, "busy")
     assert await reaper.check() == []  # 50 + 40 = 90% used: not above high water
     assert not reaper.pressure
     used["value"] = 55 * GiB  # another program takes 5 GiB: 95%

@@ -8,17 +8,13 @@ import pytest
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, test_model):
-    from mlx_server.testing import DaemonProcess, write_config
+    from mlx_server.testing import ready_daemon
 
-    config = write_config(
-        tmp_path_factory.mktemp("live") / "models.yaml",
-        [
-            {"name": "demo", "source": str(test_model), "preload": True, "aliases": ["tiny"]},
-            {"name": "offline-hub:7b", "source": "mlx-community/not-downloaded-4bit"},
-        ],
-    )
-    with DaemonProcess(config) as daemon:
-        daemon.wait_ready("demo")
+    models = [
+        {"name": "demo", "source": str(test_model), "preload": True, "aliases": ["tiny"]},
+        {"name": "offline-hub:7b", "source": "mlx-community/not-downloaded-4bit"},
+    ]
+    with ready_daemon(tmp_path_factory.mktemp("live"), models) as daemon:
         yield daemon
 
 

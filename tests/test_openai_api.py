@@ -16,14 +16,10 @@ HELLO = [{"role": "user", "content": "Hello! How can I help you today?"}]
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, test_model):
-    from mlx_server.testing import DaemonProcess, write_config
+    from mlx_server.testing import ready_daemon
 
-    config = write_config(
-        tmp_path_factory.mktemp("openai") / "models.yaml",
-        [{"name": "demo", "source": str(test_model), "preload": True, "aliases": ["tiny"], "options": {"temperature": 0.5}}],
-    )
-    with DaemonProcess(config) as daemon:
-        daemon.wait_ready("demo")
+    models = [{"name": "demo", "source": str(test_model), "preload": True, "aliases": ["tiny"], "options": {"temperature": 0.5}}]
+    with ready_daemon(tmp_path_factory.mktemp("openai"), models) as daemon:
         yield daemon
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlx_server.testing import DaemonProcess, write_config
+from mlx_server.testing import ready_daemon
 
 pytestmark = pytest.mark.live
 
@@ -32,12 +32,8 @@ CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conform
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, test_model):
-    config = write_config(
-        tmp_path_factory.mktemp("schemathesis") / "models.yaml",
-        [{"name": "demo", "source": str(test_model), "preload": True, "pinned": True, "keep_alive": -1, "context_length": CONTEXT, "max_concurrency": 4}],
-    )
-    with DaemonProcess(config) as daemon:
-        daemon.wait_ready("demo")
+    models = [{"name": "demo", "source": str(test_model), "preload": True, "pinned": True, "keep_alive": -1, "context_length": CONTEXT, "max_concurrency": 4}]
+    with ready_daemon(tmp_path_factory.mktemp("schemathesis"), models) as daemon:
         yield daemon
 
 

@@ -49,14 +49,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, test_model):
-    from mlx_server.testing import DaemonProcess, write_config
+    from mlx_server.testing import ready_daemon
 
-    config = write_config(
-        tmp_path_factory.mktemp("structured") / "models.yaml",
-        [{"name": "demo", "source": str(test_model), "preload": True, "max_concurrency": 4}],
-    )
-    with DaemonProcess(config) as daemon:
-        daemon.wait_ready("demo")
+    models = [{"name": "demo", "source": str(test_model), "preload": True, "max_concurrency": 4}]
+    with ready_daemon(tmp_path_factory.mktemp("structured"), models) as daemon:
         yield daemon
 
 

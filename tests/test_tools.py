@@ -68,12 +68,7 @@ def parse(parser: OutputParser, segments: list[str]) -> list[Piece]:
 def reply_of(found: list[Piece]) -> Reply:
     reply = Reply(done=DONE)
     for piece in found:
-        if piece.kind == TOOL_CALL:
-            reply.calls.append(piece.call)
-        elif piece.kind == THINKING:
-            reply.thinking += piece.text
-        else:
-            reply.content += piece.text
+        reply.add(piece)
     return reply
 
 
@@ -281,11 +276,10 @@ def test_an_empty_anthropic_answer_is_one_empty_text_block():
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, test_model):
-    from mlx_server.testing import DaemonProcess, write_config
+    from mlx_server.testing import ready_daemon
 
-    config = write_config(tmp_path_factory.mktemp("tools") / "models.yaml", [{"name": "demo", "source": str(test_model), "preload": True}])
-    with DaemonProcess(config) as daemon:
-        daemon.wait_ready("demo")
+    models = [{"name": "demo", "source": str(test_model), "preload": True}]
+    with ready_daemon(tmp_path_factory.mktemp("tools"), models) as daemon:
         yield daemon
 
 

@@ -315,14 +315,10 @@ CASES = body_cases() + option_cases() + route_cases() + route_and_method_cases()
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, test_model):
-    from mlx_server.testing import DaemonProcess, write_config
+    from mlx_server.testing import ready_daemon
 
-    config = write_config(
-        tmp_path_factory.mktemp("validation") / "models.yaml",
-        [{"name": "demo", "source": str(test_model), "preload": True, "keep_alive": -1, "context_length": 2048}],
-    )
-    with DaemonProcess(config) as daemon:
-        daemon.wait_ready("demo")
+    models = [{"name": "demo", "source": str(test_model), "preload": True, "keep_alive": -1, "context_length": 2048}]
+    with ready_daemon(tmp_path_factory.mktemp("validation"), models) as daemon:
         with httpx.Client(base_url=daemon.url, timeout=ANSWER_WITHIN) as client:
             yield client
 

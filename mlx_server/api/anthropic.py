@@ -17,15 +17,13 @@ from aiohttp import web
 
 from ..config import ModelConfig
 from ..engine import DoneEvent
-from ..errors import BadRequest, MlxServerError
-from ..errors import brief
+from ..errors import BadRequest, MlxServerError, brief
 from ..options import GenerationOptions
 from ..prompts import chat_prompt, message_list, validate_messages
 from ..structured import Constraint, json_grammar
-from ..tools import CONTENT, THINKING, TOOL_CALL, OutputParser, Piece, Reply, ToolCall, collect, pieces, starts_in_thinking, template_tool_call
-from .common import MANAGER, MODEL_KEY, CompletionSpec, LineStream, completion, error_body, field, keep_alive_field, model_field, read_json
+from ..tools import CONTENT, THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, pieces, template_tool_call
+from .common import MANAGER, LineStream, chat_spec, completion, error_body, field, keep_alive_field, read_json, requested_model
 from .ollama import request_options, think_with_format
-
 
 # --- parameters --------------------------------------------------------------------
 
@@ -234,9 +232,7 @@ def message_body(message_id: str, name: str, reply: Reply, *, think: bool | None
 
 def _request(request: web.Request, body: dict[str, Any]) -> tuple[ModelConfig, list[dict[str, Any]], list[dict[str, Any]], bool | None]:
     """What /v1/messages and count_tokens share: model, messages, tools, thinking."""
-    name = model_field(body)
-    request[MODEL_KEY] = name
-    model = request.app[MANAGER].resolve(name)
+    _, model = requested_model(request, body)
     messages = anthropic_messages(body.get("messages"), system_text(body.get("system")))
     tools = anthropic_tools(body.get("tools"), body.get("tool_choice"))
     return model, messages, tools, _thinking(body.get("thinking"))
@@ -250,18 +246,13 @@ async def messages(request: web.Request) -> web.StreamResponse:
     options = anthropic_options(request, model, body)
     constraint = output_constraint(body.get("output_config"))
     think = think_with_format(think, constraint)
-
-    def build(tokenizer: Any) -> list[int]:
-        return chat_prompt(tokenizer, chat, tools=tools, think=think)
-
-    spec = CompletionSpec(model.name, build, options, keep_alive_field(body), constrain=constraint)
+    spec = chat_spec(model.name, chat, options, keep_alive_field(body), tools=tools, think=think, constrain=constraint)
     async with completion(request, spec) as c:
-        tokenizer = c.lease.tokenizer
-        parser = OutputParser(tokenizer, tools=tools, thinking=starts_in_thinking(tokenizer, c.prompt))
+        parser = c.output_parser(tools)
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         if not stream:
             reply = await collect(c.events(), parser)
-            stop = _stop(reply.done, bool(reply.calls), options.stop, tokenizer, constraint)
+            stop = _stop(reply.done, bool(reply.calls), options.stop, c.lease.tokenizer, constraint)
             return web.json_response(message_body(message_id, name, reply, think=think, stop=stop))
         out = LineStream(request, sse=True)
         blocks = BlockEvents()
@@ -273,7 +264,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 if isinstance(item, Piece) and (item.kind != THINKING or think):
                     await _send(out, *blocks.piece(item))
                     made_calls |= item.kind == TOOL_CALL
-            reason, sequence = _stop(c.done, made_calls, options.stop, tokenizer, constraint)
+            reason, sequence = _stop(c.done, made_calls, options.stop, c.lease.tokenizer, constraint)
             await _send(
                 out,
                 *blocks.finish(),

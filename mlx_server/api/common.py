@@ -21,14 +21,15 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from ..config import Config, parse_keep_alive
+from ..config import Config, ModelConfig, parse_keep_alive
 from ..engine import DoneEvent, Engine, ErrorEvent, GenerationJob, GenerationRequest, TextEvent
-from ..errors import BadRequest, MlxServerError, PayloadTooLarge, RateLimited, RouteError, Unauthorized
+from ..errors import BadRequest, MlxServerError, PayloadTooLarge, RateLimited, RouteError, Unauthorized, brief
 from ..manager import Lease, Manager
 from ..metrics import Metrics
-from ..errors import brief
 from ..options import GenerationOptions
+from ..prompts import chat_prompt
 from ..reaper import Reaper
+from ..tools import OutputParser, starts_in_thinking
 
 log = logging.getLogger("mlx_server.http")
 
@@ -160,6 +161,16 @@ def model_field(body: dict[str, Any], key: str = "model") -> str:
     return name
 
 
+def requested_model(request: web.Request, body: dict[str, Any], key: str = "model") -> tuple[str, ModelConfig]:
+    """The name a request asks for and the model it resolves to (404 when none is configured).
+
+    The name labels the request's log line and metrics from here on, even when it is refused.
+    """
+    name = model_field(body, key)
+    request[MODEL_KEY] = name
+    return name, request.app[MANAGER].resolve(name)
+
+
 def keep_alive_field(body: dict[str, Any]) -> float | None:
     if body.get("keep_alive") is None:
         return None
@@ -193,6 +204,24 @@ class CompletionSpec:
     constrain: Callable[[Any, int], Callable[[], Any]] | None = None
 
 
+def chat_spec(
+    model: str,
+    messages: list[dict[str, Any]],
+    options: GenerationOptions,
+    keep_alive: float | None,
+    *,
+    tools: list[dict[str, Any]],
+    think: bool | None,
+    constrain: Callable[[Any, int], Callable[[], Any]] | None,
+) -> CompletionSpec:
+    """A completion whose prompt is the model's chat template applied to `messages`."""
+
+    def build(tokenizer: Any) -> list[int]:
+        return chat_prompt(tokenizer, messages, tools=tools, think=think)
+
+    return CompletionSpec(model, build, options, keep_alive, constrain=constrain)
+
+
 @dataclass(slots=True)
 class Completion:
     lease: Lease
@@ -215,6 +244,11 @@ class Completion:
                 self.done = event
                 self.metrics.observe_generation(self.lease.name, event.prompt_tokens, event.completion_tokens, event.prompt_seconds)
             yield event
+
+    def output_parser(self, tools: list[dict[str, Any]] | None) -> OutputParser:
+        """Splits this completion's text into content, thinking and tool calls."""
+        tokenizer = self.lease.tokenizer
+        return OutputParser(tokenizer, tools=tools, thinking=starts_in_thinking(tokenizer, self.prompt))
 
     async def text(self) -> tuple[str, DoneEvent]:
         parts = [e.text async for e in self.events() if isinstance(e, TextEvent)]

@@ -19,14 +19,13 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import ModelConfig
-from ..errors import BadRequest, MlxServerError, UpstreamError
+from ..errors import BadRequest, MlxServerError, UpstreamError, brief
 from ..manager import ModelSnapshot, ModelState
-from ..errors import brief
 from ..options import GenerationOptions, merge_options, parse_options
 from ..prompts import chat_prompt, fim_prompt, text_prompt, validate_messages
 from ..sources import SourceError, describe, locate, peek
 from ..structured import Constraint, json_grammar
-from ..tools import THINKING, TOOL_CALL, OutputParser, Piece, ToolCall, collect, function_tools, pieces, starts_in_thinking, template_tool_call
+from ..tools import THINKING, TOOL_CALL, Piece, ToolCall, collect, function_tools, pieces, template_tool_call
 from .common import (
     CONFIG,
     ENGINE,
@@ -36,12 +35,13 @@ from .common import (
     Completion,
     CompletionSpec,
     LineStream,
+    chat_spec,
     completion,
     durations_ns,
     field,
     keep_alive_field,
-    model_field,
     read_json,
+    requested_model,
     rfc3339,
 )
 
@@ -123,8 +123,7 @@ async def _respond(
 ) -> web.StreamResponse:
     """Run the completion and answer as one object or as NDJSON lines."""
     async with completion(request, spec) as c:
-        tokenizer = c.lease.tokenizer
-        parser = OutputParser(tokenizer, tools=tools, thinking=starts_in_thinking(tokenizer, c.prompt))
+        parser = c.output_parser(tools)
         if not stream:
             reply = await collect(c.events(), parser)
             final = _final(c, name, chat, constraint)
@@ -180,9 +179,7 @@ def _final(c: Completion, name: str, chat: bool, constraint: Constraint | None) 
 
 async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    name = model_field(body)
-    request[MODEL_KEY] = name
-    model = request.app[MANAGER].resolve(name)
+    name, model = requested_model(request, body)
     prompt = field(body, "prompt", str, "")
     suffix = field(body, "suffix", str, "")
     system = field(body, "system", str, "")
@@ -252,9 +249,7 @@ def _history_call(index: int, call: Any) -> dict[str, Any]:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    name = model_field(body)
-    request[MODEL_KEY] = name
-    model = request.app[MANAGER].resolve(name)
+    name, model = requested_model(request, body)
     stream = field(body, "stream", bool, True)
     think = field(body, "think", (bool, str))
     tools = function_tools(body.get("tools"))
@@ -265,11 +260,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     options = request_options(request, model, body.get("options"))
     constraint = format_constraint(body.get("format"))
     think = think_with_format(_think(think), constraint)
-
-    def build(tokenizer: Any) -> list[int]:
-        return chat_prompt(tokenizer, messages, tools=tools, think=think)
-
-    spec = CompletionSpec(model.name, build, options, keep_alive, constrain=constraint)
+    spec = chat_spec(model.name, messages, options, keep_alive, tools=tools, think=think, constrain=constraint)
     return await _respond(request, spec, stream=stream, name=name, chat=True, tools=tools, constraint=constraint)
 
 
@@ -349,9 +340,7 @@ def dimensions_field(body: dict[str, Any]) -> int | None:
 
 async def embed(request: web.Request) -> web.Response:
     body = await read_json(request)
-    name = model_field(body)
-    request[MODEL_KEY] = name
-    model = request.app[MANAGER].resolve(name)
+    name, model = requested_model(request, body)
     raw = body.get("input")
     inputs = [] if raw is None or raw == "" else [raw] if isinstance(raw, str) else raw
     if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
@@ -380,9 +369,7 @@ async def embed(request: web.Request) -> web.Response:
 async def embeddings(request: web.Request) -> web.Response:
     """The legacy single-prompt route: `{"embedding": [...]}`."""
     body = await read_json(request)
-    name = model_field(body)
-    request[MODEL_KEY] = name
-    model = request.app[MANAGER].resolve(name)
+    name, model = requested_model(request, body)
     prompt = field(body, "prompt", str, "")
     options = request_options(request, model, body.get("options"))
     result = await embed_inputs(
@@ -502,9 +489,7 @@ def _name_key(body: dict[str, Any]) -> str:
 
 async def show(request: web.Request) -> web.Response:
     body = await read_json(request)
-    name = model_field(body, _name_key(body))
-    request[MODEL_KEY] = name
-    model = request.app[MANAGER].resolve(name)
+    _, model = requested_model(request, body, _name_key(body))
     snap = next(s for s in request.app[MANAGER].snapshot() if s.name == model.name)
     return web.json_response(await asyncio.to_thread(_show, model, snap))
 
@@ -512,9 +497,7 @@ async def show(request: web.Request) -> web.Response:
 async def pull(request: web.Request) -> web.StreamResponse:
     """Fetch a configured model's files; requests can never name a new source."""
     body = await read_json(request)
-    name = model_field(body, _name_key(body))
-    request[MODEL_KEY] = name
-    model = request.app[MANAGER].resolve(name)
+    _, model = requested_model(request, body, _name_key(body))
     stream = field(body, "stream", bool, True)
     out = LineStream(request) if stream else None
     if out:

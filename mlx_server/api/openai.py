@@ -23,10 +23,23 @@ from ..config import ModelConfig
 from ..engine import DoneEvent, TextEvent
 from ..errors import BadRequest, MlxServerError
 from ..options import GenerationOptions
-from ..prompts import chat_prompt, fim_prompt, message_list, text_prompt, validate_messages
+from ..prompts import fim_prompt, message_list, text_prompt, validate_messages
 from ..structured import Constraint, json_grammar
-from ..tools import THINKING, TOOL_CALL, OutputParser, Piece, Reply, ToolCall, collect, function_tools, pieces, starts_in_thinking, template_tool_call
-from .common import CONFIG, MANAGER, MODEL_KEY, CompletionSpec, LineStream, completion, error_body, field, keep_alive_field, model_field, read_json
+from ..tools import THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, function_tools, pieces, template_tool_call
+from .common import (
+    CONFIG,
+    MANAGER,
+    MODEL_KEY,
+    CompletionSpec,
+    LineStream,
+    chat_spec,
+    completion,
+    error_body,
+    field,
+    keep_alive_field,
+    read_json,
+    requested_model,
+)
 from .ollama import dimensions_field, embed_inputs, model_details, request_options, think_with_format
 
 # OpenAI parameters that GenerationOptions has under the same name (top_k, min_p: common extensions)
@@ -234,9 +247,7 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    name = model_field(body)
-    request[MODEL_KEY] = name
-    model = request.app[MANAGER].resolve(name)
+    name, model = requested_model(request, body)
     messages = openai_messages(body.get("messages"))
     stream = field(body, "stream", bool, False)
     include_usage = _stream_options(body, stream)
@@ -245,14 +256,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     tools = [] if body.get("tool_choice") == "none" else function_tools(body.get("tools"))
     constraint = response_format_constraint(body.get("response_format"))
     think = think_with_format(None, constraint)
-
-    def build(tokenizer: Any) -> list[int]:
-        return chat_prompt(tokenizer, messages, tools=tools, think=think)
-
-    spec = CompletionSpec(model.name, build, options, keep_alive_field(body), constrain=constraint)
+    spec = chat_spec(model.name, messages, options, keep_alive_field(body), tools=tools, think=think, constrain=constraint)
     async with completion(request, spec) as c:
-        tokenizer = c.lease.tokenizer
-        parser = OutputParser(tokenizer, tools=tools, thinking=starts_in_thinking(tokenizer, c.prompt))
+        parser = c.output_parser(tools)
         if not stream:
             return web.json_response(chat_completion_body(name, await collect(c.events(), parser), constraint))
         sse = _Sse(request, "chat.completion.chunk", "chatcmpl", name, include_usage)
@@ -271,9 +277,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    name = model_field(body)
-    request[MODEL_KEY] = name
-    model = request.app[MANAGER].resolve(name)
+    name, model = requested_model(request, body)
     prompt = _prompt_input(body.get("prompt"))
     suffix = field(body, "suffix", str, "")
     echo = field(body, "echo", bool, False)
@@ -355,9 +359,7 @@ def _embedding_input(raw: Any) -> list[str] | list[list[int]]:
 
 async def embeddings(request: web.Request) -> web.Response:
     body = await read_json(request)
-    name = model_field(body)
-    request[MODEL_KEY] = name
-    request.app[MANAGER].resolve(name)
+    name, _ = requested_model(request, body)
     inputs = _embedding_input(body.get("input"))
     encoding = field(body, "encoding_format", str, "float")
     if encoding not in ("float", "base64"):
