@@ -19,10 +19,11 @@ import aiohttp
 
 from mlx_server.testing import DaemonProcess
 
-from peers import RawModel, batch_generate, mlx_lm_server, raw_generate
+from peers import RawModel, batch_generate, longest_silence, mlx_lm_server, raw_generate
 from report import Row
 from streams import Stream, Target, concurrent, post_json, stream_chat
 
+STEADY_TOKENS = 600  # longer than any stream in the gap figures runs before it is stopped
 FILLER = (
     "A model server keeps models in memory and answers requests over HTTP. Streaming sends "
     "each token as soon as it is decoded. Memory pressure makes the reaper unload idle models "
@@ -46,6 +47,23 @@ def ask(tag: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{tag}: write a haiku about the sea."}]
 
 
+def steady_chats(raw: RawModel, tag: str, count: int, tokens: int) -> list[list[dict[str, str]]]:
+    """`count` short chats whose greedy answers show text on every token (a character
+    may take two) over their first `tokens` tokens.
+
+    The random test model often emits byte tokens that make no text until a character is
+    whole, in runs of up to hundreds of tokens. Servers send a line only when there is
+    text, and streams are timed by their lines, so such a run would read as a stall."""
+    chats: list[list[dict[str, str]]] = []
+    for i in range(100 * count):
+        chat = ask(f"{tag}-{i}")
+        if longest_silence(raw, raw.prompt(chat), tokens) <= 2:
+            chats.append(chat)
+            if len(chats) == count:
+                return chats
+    raise RuntimeError(f"fewer than {count} of {100 * count} chats answer with text on every token")
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -61,8 +79,7 @@ async def one_stream(http: aiohttp.ClientSession, raw: RawModel, pair: Pair, max
     raw_generate(raw, raw.prompt(ask("warm-up one")), max_tokens)
     batch_generate(raw, [raw.prompt(ask("warm-up one"))], max_tokens)
     raws, batches, daemon, peer = [], [], [], []
-    for rep in range(reps):
-        messages = ask(f"one-{rep}")
+    for rep, messages in enumerate(steady_chats(raw, "one", reps, 1)):
         ids = raw.prompt(messages)
         first, last = pair.in_turn(rep)
         streams = {first.label: await stream_chat(http, first, messages, max_tokens)}
@@ -175,14 +192,15 @@ def _gaps(arrivals: tuple[float, ...], start: float, end: float) -> list[float]:
     return [b - a for a, b in zip(arrivals, arrivals[1:]) if b > start and a < end]
 
 
-async def load_gap(http: aiohttp.ClientSession, streaming: Target, url: str, loaded: str, reps: int, notes: list[str]) -> list[Row]:
+async def load_gap(http: aiohttp.ClientSession, raw: RawModel, streaming: Target, url: str, loaded: str, reps: int, notes: list[str]) -> list[Row]:
     """Stream on one model, load another through the API, and compare the worst
     inter-token gap in the load window with the stream's median gap; a window of the
     same length after the load, with nothing loading, shows the machine's own noise."""
     during, control, worst, quiet_worst, typical, loads = [], [], [], [], [], []
+    (chat,) = steady_chats(raw, "gap", 1, STEADY_TOKENS)
     for rep in range(reps):
         stop = asyncio.Event()
-        task = asyncio.create_task(stream_chat(http, streaming, ask(f"gap-{rep}"), 3500, stop=stop))
+        task = asyncio.create_task(stream_chat(http, streaming, chat, 3500, stop=stop))
         try:
             await asyncio.sleep(0.5)
             start = time.perf_counter()
@@ -262,11 +280,12 @@ async def prefill_gap(http: aiohttp.ClientSession, raw: RawModel, pair: Pair, pr
     ratios: dict[str, list[float]] = {pair.daemon.label: [], pair.peer.label: []}
     worst: dict[str, list[float]] = {pair.daemon.label: [], pair.peer.label: []}
     typical: dict[str, list[float]] = {pair.daemon.label: [], pair.peer.label: []}
+    (chat,) = steady_chats(raw, "prefill", 1, STEADY_TOKENS)
     for rep in range(reps):
         long = [{"role": "system", "content": long_system(raw, f"prefill-{rep}", prefix)}, {"role": "user", "content": "Hello?"}]
         for side in pair.in_turn(rep):
             stop = asyncio.Event()
-            task = asyncio.create_task(stream_chat(http, side, ask(f"prefill-{rep}"), 3500, stop=stop))
+            task = asyncio.create_task(stream_chat(http, side, chat, 3500, stop=stop))
             try:
                 await asyncio.sleep(0.5)
                 second = await stream_chat(http, side, long, 1)

@@ -70,6 +70,15 @@ def raw_generate(raw: RawModel, ids: list[int], max_tokens: int) -> RawRun:
     return RawRun(first - started, end - started, last.generation_tokens, "".join(pieces))
 
 
+def longest_silence(raw: RawModel, ids: list[int], max_tokens: int) -> int:
+    """The longest run of greedy tokens that add no text (bytes of a character not yet whole)."""
+    longest = run = 0
+    for response in stream_generate(raw.model, raw.tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(0.0)):
+        run = run + 1 if not response.text else 0
+        longest = max(longest, run)
+    return longest
+
+
 def batch_generate(raw: RawModel, prompts: list[list[int]], max_tokens: int) -> list[RawRun]:
     """The same streams through a bare BatchGenerator (the daemon's engine, without the
     daemon): the ceiling for concurrent streams, and what always-batching costs one."""

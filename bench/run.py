@@ -87,7 +87,7 @@ async def measure_http(daemon: DaemonProcess, peer_url: str, models: dict[str, P
             "c32": lambda: figures.concurrency(http, raw, small, 32, MAX_TOKENS, plan.concurrency, 1.1, notes),
             "cache": lambda: figures.prompt_cache(http, raw, small, CACHE_PREFIX, CACHE_TOKENS, plan.cache, notes),
             "prefill": lambda: figures.prefill_gap(http, raw, small, CACHE_PREFIX, plan.cache, notes),
-            "gap": lambda: figures.load_gap(http, small.daemon, daemon.url, "big-c", plan.gap, notes),
+            "gap": lambda: figures.load_gap(http, raw, small.daemon, daemon.url, "big-c", plan.gap, notes),
             # last: it leaves mlx_lm.server holding a big model
             "alternating": lambda: figures.alternating(http, pair("big-a"), pair("big-b"), plan.alternating_requests, SWAP_TOKENS, plan.alternating, notes),
         }
