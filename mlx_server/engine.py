@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import EngineDead, GenerationFailed, MlxServerError
+from .jobs import DoneEvent, ErrorEvent, Event, GenerationJob, GenerationRequest, LogitsProcessor, TextEvent
 from .options import GenerationOptions
 
 log = logging.getLogger("mlx_server.engine")
@@ -45,7 +46,6 @@ PROMPT_CACHE_ENTRIES = 64
 MIN_CACHE_REUSE = 16  # shared tokens below which copying a cached KV state is not worth it
 STATS_INTERVAL = 0.05
 
-LogitsProcessor = Callable[[Any, Any], Any]  # mlx_lm's: (tokens, logits) -> logits
 
 # MLX and mlx_lm (which imports transformers) take over a second to import. The engine
 # thread imports them when it starts, so the HTTP server answers at once and no other
@@ -68,44 +68,7 @@ def _import_mlx() -> None:
     lm_utils = importlib.import_module("mlx_lm.utils")
 
 
-# --- what handlers send in -------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    model: str
-    prompt: Sequence[int]
-    max_tokens: int
-    options: GenerationOptions = GenerationOptions(temperature=0.0)  # sampling, penalties, stop
-    # Built on the engine thread (it may create MLX arrays), e.g. constrained decoding.
-    logits_processor: Callable[[], LogitsProcessor] | None = None
-
-
-# --- what comes back -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TextEvent:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class DoneEvent:
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    output_tokens: tuple[int, ...]
-    prompt_seconds: float  # submit -> first token
-    decode_seconds: float  # first token -> done
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorEvent:
-    error: MlxServerError
-
-
-Event = TextEvent | DoneEvent | ErrorEvent
+# --- what the engine reports -----------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,33 +90,6 @@ class EngineStats:
     cache_memory: int = 0
     peak_memory: int = 0
     models: dict[str, ModelStats] = field(default_factory=dict)
-
-
-class GenerationJob:
-    """One generation: the engine writes events, the handler reads them.
-
-    The handler must call `cancel()` when it stops reading (in a `finally`); the
-    engine drops the sequence at its next step.
-    """
-
-    __slots__ = ("request", "loop", "queue", "cancelled", "submitted_at")
-
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
-        self.request = request
-        self.loop = loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.submitted_at = time.perf_counter()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    async def events(self):
-        while True:
-            event = await self.queue.get()
-            yield event
-            if not isinstance(event, TextEvent):
-                return
 
 
 # --- engine-thread state -----------------------------------------------------------

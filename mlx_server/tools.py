@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import DoneEvent, TextEvent, partial_marker
+from .engine import partial_marker
+from .jobs import DoneEvent, TextEvent
 from .errors import BadRequest
 
 CONTENT = "content"

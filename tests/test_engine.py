@@ -8,7 +8,8 @@ import time
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from mlx_server.engine import DoneEvent, Engine, ErrorEvent, GenerationRequest, TextEvent, _StopMatcher
+from mlx_server.engine import Engine, _StopMatcher
+from mlx_server.jobs import DoneEvent, ErrorEvent, GenerationRequest, TextEvent
 from mlx_server.options import GenerationOptions
 
 

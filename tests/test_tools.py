@@ -20,7 +20,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_server.api.anthropic import BlockEvents, message_body
 from mlx_server.api.ollama import answer_fields, piece_fields
 from mlx_server.api.openai import chat_completion_body, chunk_delta
-from mlx_server.engine import DoneEvent
+from mlx_server.jobs import DoneEvent
 from mlx_server.errors import BadRequest
 from mlx_server.prompts import chat_prompt
 from mlx_server.tools import CONTENT, THINKING, TOOL_CALL, OutputParser, Piece, Reply, function_tools, starts_in_thinking

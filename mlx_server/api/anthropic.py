@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import ModelConfig
-from ..engine import DoneEvent
+from ..jobs import DoneEvent
 from ..errors import BadRequest, MlxServerError, brief
 from ..options import GenerationOptions
 from ..prompts import chat_prompt, message_list, validate_messages

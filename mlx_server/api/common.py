@@ -22,7 +22,8 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from ..config import Config, ModelConfig, parse_keep_alive
-from ..engine import DoneEvent, Engine, ErrorEvent, GenerationJob, GenerationRequest, TextEvent
+from ..engine import Engine
+from ..jobs import DoneEvent, ErrorEvent, GenerationJob, GenerationRequest, TextEvent
 from ..errors import BadRequest, MlxServerError, PayloadTooLarge, RateLimited, RouteError, Unauthorized, brief
 from ..manager import Lease, Manager
 from ..metrics import Metrics

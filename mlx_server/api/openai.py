@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import ModelConfig
-from ..engine import DoneEvent, TextEvent
+from ..jobs import DoneEvent, TextEvent
 from ..errors import BadRequest, MlxServerError
 from ..options import GenerationOptions
 from ..prompts import fim_prompt, message_list, text_prompt, validate_messages
