@@ -82,6 +82,7 @@ class ModelStats:
     weights_bytes: int
     prompt_cache_bytes: int
     sequences: int
+    kv_bytes: int = 0  # KV caches of the running sequences, as their caches count them
 
 
 @dataclass(frozen=True, slots=True)
