@@ -262,8 +262,12 @@ def _directory(s: _Section, key: str, default: str, base: Path) -> Path:
     text = s.get(key, str, default)
     if not text.strip():
         raise s.error(key, "must be a directory path, got an empty string")
-    path = (base / Path(text).expanduser()).resolve()
-    if path.exists() and not path.is_dir():
+    try:
+        path = (base / Path(text).expanduser()).resolve()
+        exists = path.exists()
+    except (OSError, RuntimeError, ValueError) as e:  # a NUL byte, an unknown ~user, a symlink loop
+        raise s.error(key, f"{text!r} is not a usable path: {e}") from None
+    if exists and not path.is_dir():
         raise s.error(key, f"'{path}' exists and is not a directory")
     return path
 
