@@ -9,7 +9,7 @@ API (engine thread only: MLX work, plain synchronous calls, no threads):
 
     store = DiskPromptCache(directory, max_bytes)        # reads file headers only
     identity = model_identity(name, model_dir, lm_cache.make_prompt_cache(model))
-    hit = store.fetch(identity, prompt)                  # DiskHit | None
+    hit = store.fetch(identity, prompt, min_reuse=n)     # DiskHit | None; picks by the index
     if hit: cache, rest = hit.cache, prompt[hit.reused:]
     store.save(identity, tokens, cache)                  # True if it is on disk now
 
@@ -176,11 +176,13 @@ class DiskPromptCache:
 
     # --- lookup ---------------------------------------------------------------------
 
-    def fetch(self, model: ModelIdentity, prompt: Sequence[int]) -> DiskHit | None:
+    def fetch(self, model: ModelIdentity, prompt: Sequence[int], min_reuse: int = MIN_DISK_REUSE) -> DiskHit | None:
         """The stored cache sharing the longest prefix with `prompt`, trimmed to it.
 
         At most len(prompt) - 1 tokens are reused: the last prompt token must run
-        to give the next token's logits. None below MIN_DISK_REUSE shared tokens.
+        to give the next token's logits. None below `min_reuse` shared tokens
+        (pass more than an in-memory hit already gives, so a file is read only
+        when it saves more prefill). The choice reads only the index.
         """
         self._drop_foreign(model)
         wanted = np.asarray(prompt, dtype=np.int32)
@@ -192,7 +194,7 @@ class DiskPromptCache:
             differs = np.flatnonzero(entry.tokens[:n] != wanted[:n])
             shared = int(differs[0]) if differs.size else n
             reuse = min(shared, len(wanted) - 1)
-            if reuse >= MIN_DISK_REUSE and (reuse == len(entry.tokens) or entry.trimmable):
+            if reuse >= max(min_reuse, MIN_DISK_REUSE) and (reuse == len(entry.tokens) or entry.trimmable):
                 candidates.append((reuse, entry))
         candidates.sort(key=lambda c: c[0], reverse=True)
         for reuse, entry in candidates:
@@ -215,6 +217,8 @@ class DiskPromptCache:
                 raise DiskCacheError("it was written for another model or version")
             if not np.array_equal(_decode_tokens(meta.get("mlx_server_tokens", "")), entry.tokens):
                 raise DiskCacheError("its token ids changed since the index was read")
+        except MemoryError:
+            raise  # the machine is short of memory; the file is fine
         except Exception as e:
             self._discard(entry, f"{type(e).__name__}: {e}")
             return None
@@ -237,6 +241,10 @@ class DiskPromptCache:
         self._drop_foreign(model)
         stored = np.asarray(tokens, dtype=np.int32)
         if stored.size == 0:
+            return False
+        held = {getattr(c, "offset", len(stored)) for c in cache}
+        if held != {len(stored)}:
+            log.warning("disk prompt cache: not saving '%s': %d tokens but caches holding %s", model.name, len(stored), sorted(held))
             return False
         lm_cache = _lm_cache()
         trimmable = lm_cache.can_trim_prompt_cache(cache)

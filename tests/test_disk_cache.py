@@ -17,6 +17,7 @@ import pytest
 from mlx_lm.models import cache as lm_cache
 from mlx_lm.utils import load_model
 
+from mlx_server import disk_cache
 from mlx_server.disk_cache import MIN_DISK_REUSE, DiskPromptCache, ModelIdentity, model_identity
 
 LOG = "mlx_server.disk_cache"
@@ -105,6 +106,19 @@ def test_the_longest_shared_prefix_wins_and_is_trimmed_to_it(tmp_path, model, id
     assert store.fetch(identity, base[:MIN_DISK_REUSE - 1] + [1] * 40) is None
     assert store.fetch(identity, prompt_tokens(vocab, 100, seed=5)) is None
     assert store.fetch(ModelIdentity("other:latest", identity.digest), base) is None
+    # an in-memory hit of 120 tokens already: only a longer disk prefix is worth reading
+    assert store.fetch(identity, base, min_reuse=121) is None
+    assert store.fetch(identity, second[:110] + [5], min_reuse=110).reused == 110
+
+
+def test_a_cache_that_does_not_hold_exactly_the_tokens_is_not_saved(tmp_path, model, identity, vocab, caplog):
+    tokens = prompt_tokens(vocab, 60, seed=30)
+    store = DiskPromptCache(tmp_path, 1 << 30)
+    with caplog.at_level(logging.WARNING, logger=LOG):
+        assert not store.save(identity, tokens + [1], prefill(model, tokens))
+    assert "61 tokens but caches holding [60]" in caplog.text
+    assert len(store) == 0 and entry_files(tmp_path) == []
+    assert not store.save(identity, [], prefill(model, tokens))
 
 
 def test_a_longer_entry_replaces_its_prefixes_and_covers_shorter_saves(tmp_path, model, identity, vocab):
@@ -116,7 +130,9 @@ def test_a_longer_entry_replaces_its_prefixes_and_covers_shorter_saves(tmp_path,
     assert store.save(identity, tokens[:100], short)
     assert store.save(identity, tokens, cache)
     (path,) = entry_files(tmp_path)  # the 100-token entry is gone: the new one serves it
-    assert store.save(identity, tokens[:120], cache) and entry_files(tmp_path) == [path]  # covered: nothing written
+    middle = copy.deepcopy(cache)
+    lm_cache.trim_prompt_cache(middle, 30)
+    assert store.save(identity, tokens[:120], middle) and entry_files(tmp_path) == [path]  # covered: nothing written
     assert store.fetch(identity, tokens[:100] + [9]).reused == 100
 
 
@@ -212,7 +228,7 @@ def test_least_recently_used_entries_go_first_to_stay_within_the_size(tmp_path, 
     assert len(tiny) == 0 and entry_files(tmp_path / "tiny") == []
 
 
-def test_the_index_and_its_lru_order_survive_a_restart(tmp_path, model, identity, vocab):
+def test_the_index_and_its_lru_order_survive_a_restart(tmp_path, model, identity, vocab, monkeypatch):
     sequences = [prompt_tokens(vocab, 100, seed=20 + i) for i in range(3)]
     caches = [prefill(model, s) for s in sequences]
     store = DiskPromptCache(tmp_path, 1 << 30)
@@ -221,7 +237,9 @@ def test_the_index_and_its_lru_order_survive_a_restart(tmp_path, model, identity
     entry_bytes = store.nbytes // 3
     store.fetch(identity, sequences[0] + [1])  # used last
 
-    reopened = DiskPromptCache(tmp_path, 1 << 30)
+    with monkeypatch.context() as patched:  # opening reads headers only: no MLX, no tensors
+        patched.setattr(disk_cache, "_lm_cache", lambda: pytest.fail("the index read loaded a cache"))
+        reopened = DiskPromptCache(tmp_path, 1 << 30)
     assert len(reopened) == 3 and reopened.nbytes == store.nbytes
     hit = reopened.fetch(identity, sequences[2] + [4])
     expected = next_logits(model, copy.deepcopy(caches[2]), 4)
