@@ -23,6 +23,7 @@ DEFAULT_PORT = 11435
 FOREVER = math.inf
 FOREVER_AFTER = 100 * 365 * 86400.0
 DEFAULT_DISK_CACHE_DIR = "~/.cache/mlx-server/prompt-cache"
+_DEFAULT_DISK_CACHE_PATH = Path(DEFAULT_DISK_CACHE_DIR).expanduser()
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -102,7 +103,7 @@ class MemoryConfig:
     max_loaded_models: int = 0
     prompt_cache_mb: float = 512.0  # per model, counted in its memory
     disk_cache_gb: float = 0.0  # prompt caches kept on disk across unloads and restarts; 0 = off
-    disk_cache_dir: Path = Path(DEFAULT_DISK_CACHE_DIR).expanduser()
+    disk_cache_dir: Path = _DEFAULT_DISK_CACHE_PATH
 
 
 @dataclass(frozen=True, slots=True)

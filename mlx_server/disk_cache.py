@@ -219,7 +219,7 @@ class DiskPromptCache:
                 raise DiskCacheError("its token ids changed since the index was read")
         except MemoryError:
             raise  # the machine is short of memory; the file is fine
-        except Exception as e:
+        except Exception as e:  # whatever a bad file makes mlx raise: never served, never fatal
             self._discard(entry, f"{type(e).__name__}: {e}")
             return None
         log.info(
@@ -249,10 +249,10 @@ class DiskPromptCache:
         lm_cache = _lm_cache()
         trimmable = lm_cache.can_trim_prompt_cache(cache)
         for entry in self._entries.values():
-            if entry.model == model.name and len(entry.tokens) >= len(stored) and np.array_equal(entry.tokens[: len(stored)], stored):
-                if len(entry.tokens) == len(stored) or entry.trimmable:
-                    self._touch(entry)
-                    return True
+            holds = entry.model == model.name and len(entry.tokens) >= len(stored) and np.array_equal(entry.tokens[: len(stored)], stored)
+            if holds and (len(entry.tokens) == len(stored) or entry.trimmable):
+                self._touch(entry)
+                return True
         cache = _compact(cache, lm_cache)
         if sum(c.nbytes for c in cache) > self.max_bytes:
             return False
@@ -274,7 +274,7 @@ class DiskPromptCache:
             path = folder / f"{_file_sha256(temp)}{SUFFIX}"
             os.replace(temp, path)
             _fsync_dir(folder)
-        except Exception as e:
+        except Exception as e:  # a full disk, or a cache mlx_lm cannot serialise: serving goes on
             log.warning("disk prompt cache: cannot save %d tokens of '%s': %s: %s", len(stored), model.name, type(e).__name__, e)
             temp.unlink(missing_ok=True)
             return False

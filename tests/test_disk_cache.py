@@ -18,7 +18,12 @@ from mlx_lm.models import cache as lm_cache
 from mlx_lm.utils import load_model
 
 from mlx_server import disk_cache
-from mlx_server.disk_cache import MIN_DISK_REUSE, DiskPromptCache, ModelIdentity, model_identity
+from mlx_server.disk_cache import (
+    MIN_DISK_REUSE,
+    DiskPromptCache,
+    ModelIdentity,
+    model_identity,
+)
 
 LOG = "mlx_server.disk_cache"
 
