@@ -22,6 +22,8 @@ from .options import parse_options
 DEFAULT_PORT = 11435
 FOREVER = math.inf
 FOREVER_AFTER = 100 * 365 * 86400.0
+DEFAULT_DISK_CACHE_DIR = "~/.cache/mlx-server/prompt-cache"
+_DEFAULT_DISK_CACHE_PATH = Path(DEFAULT_DISK_CACHE_DIR).expanduser()
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -100,6 +102,8 @@ class MemoryConfig:
     check_interval: float = 2.0
     max_loaded_models: int = 0
     prompt_cache_mb: float = 512.0  # per model, counted in its memory
+    disk_cache_gb: float = 0.0  # prompt caches kept on disk across unloads and restarts; 0 = off
+    disk_cache_dir: Path = _DEFAULT_DISK_CACHE_PATH
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +238,7 @@ def _server(file: str, raw: Any) -> ServerConfig:
     )
 
 
-def _memory(file: str, raw: Any) -> MemoryConfig:
+def _memory(file: str, raw: Any, base: Path) -> MemoryConfig:
     s = _Section(file, "memory", raw, set(MemoryConfig.__dataclass_fields__))
     memory = MemoryConfig(
         budget_gb=s.number("budget_gb", None, 0.0, 1e6, optional=True),
@@ -244,12 +248,29 @@ def _memory(file: str, raw: Any) -> MemoryConfig:
         check_interval=s.duration("check_interval", 2.0),
         max_loaded_models=s.integer("max_loaded_models", 0, 0, 10**4),
         prompt_cache_mb=s.number("prompt_cache_mb", 512.0, 0.0, 1e7),
+        disk_cache_gb=s.number("disk_cache_gb", 0.0, 0.0, 1e6),
+        disk_cache_dir=_directory(s, "disk_cache_dir", DEFAULT_DISK_CACHE_DIR, base),
     )
     if memory.low_water > memory.high_water:
         raise s.error("low_water", f"must not exceed high_water ({memory.high_water:g})")
     if memory.check_interval <= 0:
         raise s.error("check_interval", "must be a positive duration")
     return memory
+
+
+def _directory(s: _Section, key: str, default: str, base: Path) -> Path:
+    """A directory the daemon may create: `~` expanded, relative to the YAML file."""
+    text = s.get(key, str, default)
+    if not text.strip():
+        raise s.error(key, "must be a directory path, got an empty string")
+    try:
+        path = (base / Path(text).expanduser()).resolve()
+        exists = path.exists()
+    except (OSError, RuntimeError, ValueError) as e:  # a NUL byte, an unknown ~user, a symlink loop
+        raise s.error(key, f"{text!r} is not a usable path: {e}") from None
+    if exists and not path.is_dir():
+        raise s.error(key, f"'{path}' exists and is not a directory")
+    return path
 
 
 def _defaults(file: str, raw: Any) -> Defaults:
@@ -322,7 +343,7 @@ def parse_config(raw: Any, *, file: str = "models.yaml", base: Path | None = Non
     return Config(
         path=None,
         server=_server(file, top.raw.get("server")),
-        memory=_memory(file, top.raw.get("memory")),
+        memory=_memory(file, top.raw.get("memory"), base),
         defaults=_defaults(file, top.raw.get("defaults")),
         models=models,
     )

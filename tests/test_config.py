@@ -119,6 +119,12 @@ def test_names_follow_ollama(test_model):
         ("models: [{name: x, source: a/b, aliases: [y]}, {name: z, source: c/d, aliases: [Y]}]\n", "alias 'Y:latest' is used twice"),
         ("server: [1, 2]\n", "server: must be a mapping"),
         ("server: {rate_limit: {requests: 10, per: 0}}\n", "server.rate_limit: key 'per': must be a positive duration"),
+        ("memory: {disk_cache_gb: -1}\n", "memory: key 'disk_cache_gb': must be between 0"),
+        ("memory: {disk_cache_gb: lots}\n", "memory: key 'disk_cache_gb': must be a number"),
+        ("memory: {disk_cache_dir: 5}\n", "memory: key 'disk_cache_dir': must be a string"),
+        ("memory: {disk_cache_dir: ' '}\n", "memory: key 'disk_cache_dir': must be a directory path"),
+        ("memory: {disk_cache_dir: \"a\\0b\"}\n", "memory: key 'disk_cache_dir': 'a\\x00b' is not a usable path"),
+        ("memory: {disk_cach_gb: 1}\n", "memory: key 'disk_cach_gb': unknown key"),
     ],
 )
 def test_mistakes_are_refused_naming_file_model_and_key(tmp_path, yaml_text, fragment):
@@ -141,6 +147,20 @@ def test_relative_source_resolves_against_the_config_file(tmp_path, test_model):
     (tmp_path / "models" / "demo").symlink_to(test_model, target_is_directory=True)
     config = load_config(write(tmp_path, "models: [{name: demo, source: ./models/demo}]\n"), env={})
     assert config.models[0].local and Path(config.models[0].source).is_dir()
+
+
+def test_disk_cache_is_off_by_default_and_its_directory_resolves_like_a_source(tmp_path, monkeypatch):
+    memory = parse_config({}).memory
+    assert memory.disk_cache_gb == 0
+    assert memory.disk_cache_dir == Path("~/.cache/mlx-server/prompt-cache").expanduser().resolve()
+    config = load_config(write(tmp_path, "memory: {disk_cache_gb: 20, disk_cache_dir: state/prompts}\n"), env={})
+    assert config.memory.disk_cache_gb == 20.0 and config.memory.disk_cache_dir == tmp_path.resolve() / "state" / "prompts"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert parse_config({"memory": {"disk_cache_dir": "~/kv"}}).memory.disk_cache_dir == (tmp_path / "home" / "kv").resolve()
+    (tmp_path / "taken").write_text("a file, not a directory")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "memory: {disk_cache_dir: taken}\n"), env={})
+    assert f"{tmp_path / 'models.yaml'}: memory: key 'disk_cache_dir': '{(tmp_path / 'taken').resolve()}' exists and is not a directory" in str(e.value)
 
 
 def test_environment_then_flags_override_the_file(tmp_path):
