@@ -246,7 +246,7 @@ class ModelRunner:
             self._fail(seq, e)
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
-        log.error("a sequence on '%s' failed: %s: %s", self.name, type(error).__name__, error, exc_info=not isinstance(error, MlxServerError))
+        log.error("a sequence on '%s' failed: %s: %s", self.name, type(error).__name__, error, exc_info=None if isinstance(error, MlxServerError) else error)
         if seq.uid is not None:
             try:
                 self._drop_batched(seq)
