@@ -6,34 +6,20 @@ import asyncio
 import time
 
 import pytest
-from mlx_lm.tokenizer_utils import load as load_tokenizer
+from engine_helpers import LONG, run, start_engine
 
-from mlx_server.engine import Engine, libs
+from mlx_server.engine import libs
 from mlx_server.engine.prompt_cache import PromptCache
 from mlx_server.engine.stops import StopMatcher
-from mlx_server.jobs import DoneEvent, ErrorEvent, GenerationRequest, TextEvent
+from mlx_server.jobs import DoneEvent, ErrorEvent, GenerationRequest
 from mlx_server.options import GenerationOptions
 
 
 @pytest.fixture
 async def engine(test_model):
-    engine = Engine()
-    engine.start()
-    await engine.started()
-    tokenizer = load_tokenizer(test_model)
-    await engine.load("m", test_model, tokenizer, batch_size=8, prompt_cache_bytes=64 << 20)
-    engine.tokenizer = tokenizer
+    engine = await start_engine(test_model)
     yield engine
     await engine.stop()
-
-
-async def run(engine, prompt: str, **kwargs):
-    job = engine.generate(GenerationRequest(model="m", prompt=engine.tokenizer.encode(prompt), **kwargs))
-    events = [e async for e in job.events()]
-    return "".join(e.text for e in events if isinstance(e, TextEvent)), events[-1]
-
-
-LONG = "The quick brown fox jumps over the lazy dog while the server streams tokens."
 
 
 async def test_greedy_generation_is_deterministic_and_counts_tokens(engine):

@@ -7,8 +7,8 @@ import asyncio
 import ctypes
 import time
 
-import mlx.core as mx
 import pytest
+from engine_helpers import LONG, run, start_engine
 
 from mlx_server.engine import Engine
 from mlx_server.engine.prompt_cache import PromptCache
@@ -17,7 +17,14 @@ from mlx_server.engine.single import SingleStream
 from mlx_server.errors import EngineDead
 from mlx_server.jobs import DoneEvent, ErrorEvent, GenerationRequest, TextEvent
 from mlx_server.options import GenerationOptions
-from test_engine import LONG, engine, run  # noqa: F401  (the engine fixture)
+
+
+@pytest.fixture
+async def engine(test_model):
+    engine = await start_engine(test_model)
+    yield engine
+    await engine.stop()
+
 
 SEEDED = GenerationOptions(temperature=0.0, seed=1)  # greedy, but on the single-stream path
 
@@ -125,7 +132,7 @@ async def test_a_failing_prompt_cache_insert_leaves_the_answer_whole(engine, mon
 
     monkeypatch.setattr(PromptCache, "insert", broken)
     for options in (GenerationOptions(temperature=0.0), SEEDED):
-        text, done = await run(engine, LONG, max_tokens=6, options=options)
+        _, done = await run(engine, LONG, max_tokens=6, options=options)
         assert isinstance(done, DoneEvent) and done.completion_tokens == 6
     assert engine.alive
 

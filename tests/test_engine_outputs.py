@@ -7,11 +7,19 @@ import asyncio
 
 import mlx.core as mx
 import pytest
+from engine_helpers import LONG, start_engine
 
 from mlx_server.engine import Engine
 from mlx_server.jobs import DoneEvent, GenerationRequest, TextEvent
 from mlx_server.options import GenerationOptions
-from test_engine import LONG, engine  # noqa: F401  (the engine fixture)
+
+
+@pytest.fixture
+async def engine(test_model):
+    engine = await start_engine(test_model)
+    yield engine
+    await engine.stop()
+
 
 GREEDY = GenerationOptions(temperature=0.0)
 SEEDED = GenerationOptions(temperature=0.0, seed=1)  # greedy, on the single-stream path

@@ -25,8 +25,8 @@ from .prompt_cache import PromptCache
 from .sampling import GuardedProcessors, logits_processors, sampler_for
 from .sequence import LogprobRecorder, Sequence
 from .single import SingleStream
-from .stops import StopMatcher
 from .stats import ModelStats
+from .stops import StopMatcher
 
 log = logging.getLogger("mlx_server.engine")
 

@@ -81,7 +81,7 @@ class GuardedProcessors:
     through this generator (a prompt prefilled beforehand).
     """
 
-    __slots__ = ("processors", "prefix", "fault")
+    __slots__ = ("fault", "prefix", "processors")
 
     def __init__(self, processors: list[LogitsProcessor], prefix: Any = None):
         self.processors = processors

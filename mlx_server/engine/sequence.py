@@ -20,7 +20,7 @@ class LogprobRecorder:
     the top-k is a partition of the whole vocabulary.
     """
 
-    __slots__ = ("tokenizer", "top", "pending")
+    __slots__ = ("pending", "tokenizer", "top")
 
     def __init__(self, tokenizer: Any, top: int):
         self.tokenizer = tokenizer
