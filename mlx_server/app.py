@@ -4,6 +4,7 @@ engine thread, the manager and the reaper (one cleanup context)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
@@ -31,9 +32,17 @@ from .manager import Manager
 from .metrics import Metrics
 from .reaper import HostMemory, Reaper, read_host_memory
 
+log = logging.getLogger("mlx_server.app")
 
-def create_app(config: Config, *, probe: Callable[[], HostMemory] = read_host_memory) -> web.Application:
-    """The whole daemon as one Application; `probe` reads host memory (tests fake it)."""
+
+def create_app(
+    config: Config,
+    *,
+    probe: Callable[[], HostMemory] = read_host_memory,
+    on_engine_death: Callable[[str], None] | None = None,
+) -> web.Application:
+    """The whole daemon as one Application; `probe` reads host memory (tests fake it);
+    `on_engine_death(reason)` runs if the engine thread dies (the daemon exits non-zero)."""
     server = config.server
     middlewares = [make_cors_middleware(server.cors_origins)] if server.cors_origins else []
     middlewares += [access_log_middleware, errors_middleware]
@@ -47,11 +56,11 @@ def create_app(config: Config, *, probe: Callable[[], HostMemory] = read_host_me
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
     app[ENGINE] = Engine()
-    app.cleanup_ctx.append(_residency(probe))
+    app.cleanup_ctx.append(_residency(probe, on_engine_death))
     return app
 
 
-def _residency(probe: Callable[[], HostMemory]):
+def _residency(probe: Callable[[], HostMemory], on_engine_death: Callable[[str], None] | None):
     async def residency(app: web.Application) -> AsyncIterator[None]:
         config, engine, metrics = app[CONFIG], app[ENGINE], app[METRICS]
         engine.start()
@@ -69,6 +78,7 @@ def _residency(probe: Callable[[], HostMemory]):
         app[REAPER] = reaper
         metrics.bind_live(lambda: status.live_reading(app))
         tasks = [asyncio.create_task(manager.run()), asyncio.create_task(reaper.run())]
+        tasks.append(asyncio.create_task(_watch_engine(engine, on_engine_death)))
         yield
         for task in tasks:
             task.cancel()
@@ -76,7 +86,16 @@ def _residency(probe: Callable[[], HostMemory]):
             with suppress(asyncio.CancelledError):
                 await task
         await manager.close()
-        await manager.evict_idle("shutdown", enough=lambda: False)
+        if engine.alive:  # a dead engine has dropped every model already
+            await manager.evict_idle("shutdown", enough=lambda: False)
         await engine.stop()  # drops whatever a cancelled request still held
 
     return residency
+
+
+async def _watch_engine(engine: Engine, on_death: Callable[[str], None] | None) -> None:
+    """The engine has failed every request already; say why, then let the process end."""
+    reason = await engine.died()
+    log.critical("the engine thread died (%s): every running and queued request failed", reason)
+    if on_death is not None:
+        on_death(reason)

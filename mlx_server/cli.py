@@ -109,10 +109,18 @@ def _is_loopback(host: str) -> bool:
 
 
 CANCEL_WAIT = 0.5  # after shutdown_grace: how long cancelled handlers get to unwind
+EXIT_ENGINE_DEAD = 70  # EX_SOFTWARE: the engine thread died; launchd's KeepAlive restarts the daemon
+ENGINE_DEATH_EXIT_SECONDS = 5.0  # the shutdown after an engine death may take no longer than this
+
+
+def _exit_now(code: int) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(code)
 
 
 async def _serve(config) -> int:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully and return 0.
+    """Serve until SIGTERM/SIGINT (or the engine dies), shut down gracefully, return the exit status.
 
     Shutdown order: stop listening and close idle connections, stop loading models
     (a request waiting for a load gets a 503), let running and queued requests finish
@@ -125,18 +133,27 @@ async def _serve(config) -> int:
     from .app import create_app
 
     grace = config.server.shutdown_grace
-    app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CANCEL_WAIT)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    exit_code = 0
+
+    def on_engine_death(reason: str) -> None:
+        """Every request has failed already: shut down now and exit non-zero, so that
+        the supervisor restarts the daemon (and its preloads); never linger half-dead."""
+        nonlocal exit_code
+        exit_code = EXIT_ENGINE_DEAD
+        log.critical("exiting with status %d so that the supervisor restarts the daemon", EXIT_ENGINE_DEAD)
+        stop.set()
+        loop.call_later(ENGINE_DEATH_EXIT_SECONDS, _exit_now, EXIT_ENGINE_DEAD)
+
+    app = create_app(config, on_engine_death=on_engine_death)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CANCEL_WAIT)
 
     def on_signal(signum: int) -> None:
         name = signal.Signals(signum).name
         if stop.is_set():
             log.warning("second %s: exiting now, without waiting for running requests", name)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os._exit(128 + signum)
+            _exit_now(128 + signum)
         log.info("%s: shutting down; no new connections (send it again to exit at once)", name)
         stop.set()
 
@@ -168,7 +185,7 @@ async def _serve(config) -> int:
         log.warning("shutdown_grace of %gs is over: cancelling %d requests", grace, left)
     await runner.cleanup()  # cancels what is left, unloads (reason: shutdown), stops the engine
     log.info("stopped after %.1fs of shutdown", time.monotonic() - started)
-    return 0
+    return exit_code
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

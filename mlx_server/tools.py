@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import partial_marker
+from .text import partial_marker
 from .jobs import DoneEvent, TextEvent
 from .errors import BadRequest
 

@@ -6,32 +6,20 @@ import asyncio
 import time
 
 import pytest
-from mlx_lm.tokenizer_utils import load as load_tokenizer
+from engine_helpers import LONG, run, start_engine
 
-from mlx_server.engine import Engine, _StopMatcher
-from mlx_server.jobs import DoneEvent, ErrorEvent, GenerationRequest, TextEvent
+from mlx_server.engine import libs
+from mlx_server.engine.prompt_cache import PromptCache
+from mlx_server.engine.stops import StopMatcher
+from mlx_server.jobs import DoneEvent, ErrorEvent, GenerationRequest
 from mlx_server.options import GenerationOptions
 
 
 @pytest.fixture
 async def engine(test_model):
-    engine = Engine()
-    engine.start()
-    await engine.started()
-    tokenizer = load_tokenizer(test_model)
-    await engine.load("m", test_model, tokenizer, batch_size=8, prompt_cache_bytes=64 << 20)
-    engine.tokenizer = tokenizer
+    engine = await start_engine(test_model)
     yield engine
     await engine.stop()
-
-
-async def run(engine, prompt: str, **kwargs):
-    job = engine.generate(GenerationRequest(model="m", prompt=engine.tokenizer.encode(prompt), **kwargs))
-    events = [e async for e in job.events()]
-    return "".join(e.text for e in events if isinstance(e, TextEvent)), events[-1]
-
-
-LONG = "The quick brown fox jumps over the lazy dog while the server streams tokens."
 
 
 async def test_greedy_generation_is_deterministic_and_counts_tokens(engine):
@@ -61,13 +49,14 @@ async def test_stop_strings_end_generation_and_are_not_emitted(engine):
 
 
 def test_stop_matcher_holds_back_partial_matches():
-    m = _StopMatcher(("END",))
+    libs.import_mlx()
+    m = StopMatcher(("END",))
     assert m.feed("abcE") == ("abc", False)
     assert m.feed("N") == ("", False)
     assert m.feed("X") == ("ENX", False)
     assert m.feed("yyEN") == ("yy", False)
     assert m.feed("Dzz") == ("", True)
-    m = _StopMatcher(("</s>", "\n\n"))
+    m = StopMatcher(("</s>", "\n\n"))
     assert m.feed("a\n") == ("a", False)
     assert m.feed("b") == ("\nb", False)
     assert m.feed("<") == ("", False)
@@ -155,9 +144,7 @@ async def test_prompt_cache_reuses_shared_prefixes_only_when_worth_it(engine):
     assert short_again.cached_tokens == 0  # a few tokens are not worth copying a cache for
 
 
-def test_prompt_cache_is_bounded_and_drops_covered_prefixes():
-    from mlx_server import engine as engine_module
-
+def test_prompt_cache_is_bounded_and_drops_covered_prefixes(monkeypatch):
     class FakeCache:
         def __init__(self, tokens, nbytes):
             self.offset, self.nbytes = tokens, nbytes
@@ -178,22 +165,18 @@ def test_prompt_cache_is_bounded_and_drops_covered_prefixes():
         def trim_prompt_cache(cache, n):
             return [c.trim(n) for c in cache][0]
 
-    saved = engine_module.lm_cache
-    engine_module.lm_cache = FakeCacheModule
-    try:
-        cache = engine_module._PromptCache(max_bytes=1000, max_entries=3)
-        cache.insert(list(range(40)), [FakeCache(40, 100)])
-        cache.insert(list(range(60)), [FakeCache(60, 150)])  # extends the first: the first goes
-        assert cache.nbytes == 150 and len(cache._entries) == 1
-        found, rest = cache.fetch(list(range(50)) + [999])
-        assert found[0].offset == 50 and rest == [999]
-        for i in range(4):
-            cache.insert([1000 + i] * 30, [FakeCache(30, 100)])
-        assert len(cache._entries) == 3 and cache.nbytes == 300  # bounded by count, LRU first
-        cache.insert([7] * 30, [FakeCache(30, 5000)])  # larger than the whole budget: not kept
-        assert cache.nbytes == 300
-    finally:
-        engine_module.lm_cache = saved
+    monkeypatch.setattr(libs, "lm_cache", FakeCacheModule)
+    cache = PromptCache(max_bytes=1000, max_entries=3)
+    cache.insert(list(range(40)), [FakeCache(40, 100)])
+    cache.insert(list(range(60)), [FakeCache(60, 150)])  # extends the first: the first goes
+    assert cache.nbytes == 150 and len(cache.entries) == 1
+    found, rest = cache.fetch(list(range(50)) + [999])
+    assert found[0].offset == 50 and rest == [999]
+    for i in range(4):
+        cache.insert([1000 + i] * 30, [FakeCache(30, 100)])
+    assert len(cache.entries) == 3 and cache.nbytes == 300  # bounded by count, LRU first
+    cache.insert([7] * 30, [FakeCache(30, 5000)])  # larger than the whole budget: not kept
+    assert cache.nbytes == 300
 
 
 async def test_an_embedding_job_runs_in_slices_between_decode_steps(engine):

@@ -1,0 +1,14 @@
+"""The engine: one thread that owns every MLX call (see core.py).
+
+Modules, each with one job: `core` (the thread, its commands and its death),
+`commands` (what the event loop sends), `runner` (one model's batch and single
+streams, and their failures), `single` (a stream on its own generate_step, prefilled
+in slices), `sequence` (tokens to text and logprobs), `sampling`, `stops`,
+`prompt_cache`, `loading`, `embedding`, `outbox` (events back to the loops),
+`memory`, `stats`, `faults`, `libs` (MLX, imported on the thread).
+"""
+
+from .core import Engine
+from .stats import EngineStats, LoadedWeights, ModelStats
+
+__all__ = ["Engine", "EngineStats", "LoadedWeights", "ModelStats"]

@@ -1,0 +1,41 @@
+"""Giving memory back after a model or a batch is dropped, and counting bytes."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import sys
+from typing import Any
+
+from . import libs
+
+
+def _find_malloc_trim():
+    """glibc keeps freed heap pages after a model is dropped; malloc_trim gives them back."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def return_memory() -> None:
+    """After dropping references: collect, empty MLX's buffer cache, return pages to the OS."""
+    gc.collect()
+    libs.mx.clear_cache()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def tree_nbytes(tree: Any) -> int:
+    mx = libs.mx
+    return libs.mlx_utils.tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, tree, 0)
+
+
+def cache_nbytes(cache: list | None) -> int:
+    """Bytes of one sequence's KV cache (a list of per-layer caches), as they count them."""
+    return sum(c.nbytes for c in cache) if cache else 0

@@ -1,0 +1,27 @@
+"""What the engine reports: snapshots, replaced whole, read from any thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedWeights:
+    nbytes: int
+    parameters: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    weights_bytes: int
+    prompt_cache_bytes: int
+    sequences: int
+    kv_bytes: int = 0  # KV caches of the running sequences, as their caches count them
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    active_memory: int = 0
+    cache_memory: int = 0
+    peak_memory: int = 0
+    models: dict[str, ModelStats] = field(default_factory=dict)
