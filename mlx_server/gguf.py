@@ -235,7 +235,7 @@ def convert_weights(weights: dict, shape: LlamaShape, path: Path) -> tuple[dict,
             continue
         if array.dtype != mx.uint32 or f"{stem}.scales" not in weights or f"{stem}.biases" not in weights:
             raise GgufError(
-                f"{path}: tensor {name} reads as a {array.dtype} {tuple(array.shape)} matrix; make-demo-model converts "
+                f"{path}: tensor {name} reads as a {str(array.dtype).rpartition('.')[2]} {tuple(array.shape)} matrix; make-demo-model converts "
                 "only Q4_0, Q4_1 and Q8_0 matrices (quantized blocks of 32), exactly")
         scales, biases = weights[f"{stem}.scales"], weights[f"{stem}.biases"]
         in_features = scales.shape[-1] * GROUP_SIZE
@@ -345,8 +345,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     except (RuntimeError, ValueError) as e:
         raise GgufError(f"{gguf}: MLX cannot read it as GGUF ({e})") from None
     shape = read_shape(metadata, gguf)
-    spec = read_tokenizer(metadata, gguf)
     converted, bits_of = convert_weights(weights, shape, gguf)
+    spec = read_tokenizer(metadata, gguf)
     write_model_dir(Path(out_dir), shape, spec, converted, bits_of, source=gguf.name)
     return Path(out_dir)
 
