@@ -2,9 +2,15 @@
 on the real model: on the batched path and on the single-stream path (a request with a
 `seed`), whether the first turn ended by EOS or by length.
 
-All four conversations run first turns, then warm second turns; then the model is
-unloaded (its prompt cache goes with it) and each second turn is served again, cold.
-Their system prompts differ in the first word, so no conversation reuses another's cache."""
+Two forms of second turn: a chat turn (/v1/chat/completions), and a raw continuation of
+the first answer (/v1/completions, the templated text plus the answer plus " Also,").
+After an EOS the chat template puts <|im_end|> (the EOS itself) right after the answer,
+so a cache that wrongly kept the EOS's KV would go unnoticed there; the continuation
+puts other text at that position, so such a cache changes what the model sees.
+
+All conversations run first turns, then warm second turns; then the model is unloaded
+(its prompt cache goes with it) and each second turn is served again, cold. Their system
+prompts differ within the first few tokens, so no conversation reuses another's cache."""
 
 from __future__ import annotations
 
@@ -16,24 +22,29 @@ from real_http import Answer, ask
 
 pytestmark = [pytest.mark.real, pytest.mark.live]
 
-QUESTION = "What is the capital of France?"  # answered in 8 tokens, then EOS
-FOLLOW_UP = "And of Italy?"
+QUESTION = "What is the capital of France?"
+FOLLOW_UP = "And of Italy?"  # the chat form's second turn
+CONTINUATION = " Also,"  # the continued form's second turn, right after the first answer
 FOLLOW_UP_TOKENS = 6
+SEED = {"seed": 7}  # a seed sends a request down the single-stream path
 
 
 @dataclass(frozen=True, slots=True)
 class Case:
-    system: str
-    options: dict  # a seed sends a request down the single-stream path
+    system: str  # chosen so that the first answer ends as `first_end` says
+    options: dict
     first_tokens: int
     first_end: str
+    continued: bool = False
 
 
 CASES = {
-    "batched-eos": Case("Alpha. Be brief.", {}, 16, "stop"),
+    "batched-eos": Case("Reply in one sentence.", {}, 16, "stop"),
     "batched-length": Case("Bravo. Be brief.", {}, 4, "length"),
-    "single-eos": Case("Charlie. Be brief.", {"seed": 7}, 16, "stop"),
-    "single-length": Case("Delta. Be brief.", {"seed": 7}, 4, "length"),
+    "single-eos": Case("You are a helpful assistant.", SEED, 16, "stop"),
+    "single-length": Case("Delta. Be brief.", SEED, 4, "length"),
+    "batched-eos-continued": Case("Be brief.", {}, 16, "stop", continued=True),
+    "single-eos-continued": Case("Charlie. Be brief.", SEED, 16, "stop", continued=True),
 }
 
 
@@ -44,27 +55,29 @@ class Turns:
     cold: Answer
 
 
-def _second_turn(case: Case, first: Answer) -> list[dict]:
-    return [
-        {"role": "system", "content": case.system},
-        {"role": "user", "content": QUESTION},
-        {"role": "assistant", "content": first.text},
-        {"role": "user", "content": FOLLOW_UP},
-    ]
-
-
 @pytest.fixture(scope="module")
-def turns(real_daemon) -> dict[str, Turns]:
-    url, route = real_daemon.url, "/v1/chat/completions"
-    firsts = {
-        name: ask(url, route, [{"role": "system", "content": c.system}, {"role": "user", "content": QUESTION}],
-                  c.first_tokens, stream=False, **c.options)
-        for name, c in CASES.items()
-    }
-    warm = {name: ask(url, route, _second_turn(c, firsts[name]), FOLLOW_UP_TOKENS, stream=False, **c.options) for name, c in CASES.items()}
+def turns(real_daemon, reference) -> dict[str, Turns]:
+    url = real_daemon.url
+
+    def first(case: Case) -> Answer:
+        messages = [{"role": "system", "content": case.system}, {"role": "user", "content": QUESTION}]
+        if case.continued:
+            return ask(url, "/v1/completions", [], case.first_tokens, stream=False, prompt_text=reference.chat_text(messages), **case.options)
+        return ask(url, "/v1/chat/completions", messages, case.first_tokens, stream=False, **case.options)
+
+    def second(case: Case, answer: Answer) -> Answer:
+        messages = [{"role": "system", "content": case.system}, {"role": "user", "content": QUESTION}]
+        if case.continued:
+            text = reference.chat_text(messages) + answer.text + CONTINUATION
+            return ask(url, "/v1/completions", [], FOLLOW_UP_TOKENS, stream=False, prompt_text=text, **case.options)
+        messages += [{"role": "assistant", "content": answer.text}, {"role": "user", "content": FOLLOW_UP}]
+        return ask(url, "/v1/chat/completions", messages, FOLLOW_UP_TOKENS, stream=False, **case.options)
+
+    firsts = {name: first(case) for name, case in CASES.items()}
+    warm = {name: second(case, firsts[name]) for name, case in CASES.items()}
     unloaded = httpx.post(url + "/api/generate", json={"model": "demo", "keep_alive": 0}, timeout=120)
     assert unloaded.status_code == 200 and unloaded.json()["done_reason"] == "unload", unloaded.text
-    cold = {name: ask(url, route, _second_turn(c, firsts[name]), FOLLOW_UP_TOKENS, stream=False, **c.options) for name, c in CASES.items()}
+    cold = {name: second(case, firsts[name]) for name, case in CASES.items()}
     return {name: Turns(firsts[name], warm[name], cold[name]) for name in CASES}
 
 
