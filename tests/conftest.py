@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from mlx_server.config import parse_config
-from mlx_server.testing import DaemonProcess, demo_model, make_test_model, ready_daemon, write_config
+from mlx_server.testing import DaemonProcess, demo_model, make_test_model, write_config
 
-# The real model and the wheel it comes from live here between runs (MLX_SERVER_TEST_CACHE overrides).
-REAL_CACHE = Path(os.environ.get("MLX_SERVER_TEST_CACHE") or Path(__file__).resolve().parents[1] / ".cache")
+# The real model and the wheel it comes from live here between runs; MLX_SERVER_CACHE moves
+# it, as it moves the start script's.
+REAL_CACHE = Path(os.environ.get("MLX_SERVER_CACHE") or Path(__file__).resolve().parents[1] / ".cache")
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +51,8 @@ def reference(real_model):
 def real_daemon(tmp_path_factory, real_model):
     """One live daemon per test module serving the real model as `demo` (its own prompt cache)."""
     models = [{"name": "demo", "source": str(real_model), "preload": True, "keep_alive": -1, "context_length": 8192}]
-    with ready_daemon(tmp_path_factory.mktemp("real"), models) as daemon:
+    with DaemonProcess(write_config(tmp_path_factory.mktemp("real") / "models.yaml", models)) as daemon:
+        daemon.wait_ready("demo", timeout=300)  # a busy CPU takes its time to load 115 MB
         yield daemon
 
 
