@@ -343,6 +343,16 @@ def test_start_script_sets_everything_up_on_a_fresh_checkout(checkout, tmp_path)
     assert "listening on http://127.0.0.1:" in (root / "logs" / "mlx-server.log").read_text()
 
 
+@pytest.mark.real
+def test_start_script_demo_is_real_and_answers_offline(checkout):
+    """The README's first command, then the ollama client: the default `demo` knows Paris."""
+    _, port, _ = checkout
+    ensure_started(checkout)
+    answer = ollama.Client(host=f"http://127.0.0.1:{port}", timeout=300).chat(
+        model="demo", messages=[{"role": "user", "content": "What is the capital of France?"}], options={"temperature": 0, "num_predict": 16})
+    assert "Paris" in answer.message.content and answer.done_reason == "stop"
+
+
 def test_start_script_again_replaces_its_own_daemon(checkout):
     root, port, _ = checkout
     before = ensure_started(checkout)
