@@ -295,7 +295,6 @@ def write_model_dir(out_dir: Path, shape: LlamaShape, spec: GgufTokenizer, weigh
     import mlx.core as mx
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    token = spec.tokens.__getitem__
     quantization = quantization_config(bits_of)
     config = {
         "model_type": "llama",
@@ -326,10 +325,10 @@ def write_model_dir(out_dir: Path, shape: LlamaShape, spec: GgufTokenizer, weigh
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": spec.add_bos,
-        "bos_token": token(spec.bos_id),
-        "eos_token": token(spec.eos_id),
-        "pad_token": token(spec.pad_id),
-        "unk_token": token(spec.unk_id) if spec.unk_id is not None else None,
+        "bos_token": spec.tokens[spec.bos_id],
+        "eos_token": spec.tokens[spec.eos_id],
+        "pad_token": spec.tokens[spec.pad_id],
+        "unk_token": spec.tokens[spec.unk_id] if spec.unk_id is not None else None,
         "additional_special_tokens": list(spec.special),
         "model_max_length": shape.context_length,
         "clean_up_tokenization_spaces": False,
