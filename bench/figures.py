@@ -47,13 +47,21 @@ def ask(tag: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{tag}: write a haiku about the sea."}]
 
 
+def counting(tag: str) -> list[dict[str, str]]:
+    """A unique chat the real model answers at length, with text on every token."""
+    return [{"role": "user", "content": f"{tag}: count from 1 to 1000, one number per line."}]
+
+
 def steady_chats(raw: RawModel, tag: str, count: int, tokens: int) -> list[list[dict[str, str]]]:
     """`count` short chats whose greedy answers show text on every token (a character
     may take two) over their first `tokens` tokens.
 
-    The random test model often emits byte tokens that make no text until a character is
-    whole, in runs of up to hundreds of tokens. Servers send a line only when there is
-    text, and streams are timed by their lines, so such a run would read as a stall."""
+    The real model needs no search: it counts, a number per line. The random test model
+    often emits byte tokens that make no text until a character is whole, in runs of up to
+    hundreds of tokens. Servers send a line only when there is text, and streams are timed
+    by their lines, so such a run would read as a stall: its chats are searched for."""
+    if raw.real:
+        return [counting(f"{tag}-{i}") for i in range(count)]
     chats: list[list[dict[str, str]]] = []
     for i in range(100 * count):
         chat = ask(f"{tag}-{i}")

@@ -43,15 +43,16 @@ class RawRun:
 class RawModel:
     model: Any
     tokenizer: Any
+    real: bool  # a trained model; the random test model's answers have text-less byte runs
 
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """The ids the daemon's chat_prompt builds for these messages."""
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
 
-def load_raw(path: Path) -> RawModel:
+def load_raw(path: Path, *, real: bool) -> RawModel:
     model, tokenizer = load(str(path))
-    return RawModel(model, tokenizer)
+    return RawModel(model, tokenizer, real)
 
 
 def raw_generate(raw: RawModel, ids: list[int], max_tokens: int) -> RawRun:

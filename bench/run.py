@@ -1,9 +1,11 @@
 """Benchmark mlx-server against raw mlx_lm and mlx_lm.server, all in one run.
 
     .venv/bin/python bench/run.py [--quick] [--out bench/RESULTS.md] [--only one,c8,...]
-                                  [--api ollama|openai] [--note TEXT]
+                                  [--api ollama|openai] [--model random|real] [--note TEXT]
 
-Creates random-weight test models in a temporary directory, starts the daemon
+Creates random-weight test models in a temporary directory (with `--model real`,
+the one-model figures run on the real demo model, SmolLM2-135M-Instruct, built once
+into .cache/; the big random models stay for the load and switch figures), starts the daemon
 (`mlx-server serve`) and `mlx_lm.server` on free loopback ports, streams to both
 with one aiohttp client, prints a table of ratios against peers measured in the
 same run and writes it, with the machine, to RESULTS.md. Not part of the test suite.
@@ -25,7 +27,9 @@ from peers import load_raw, mlx_lm_server
 from report import Row, machine, markdown, table
 from streams import Target, session
 
-from mlx_server.testing import DaemonProcess, make_test_model, write_config
+from mlx_server.testing import DaemonProcess, demo_model, make_test_model, write_config
+
+CACHE = Path(__file__).resolve().parents[1] / ".cache"  # where tests keep the real model too
 
 MAX_TOKENS = 64  # per stream, as in the issue
 SWAP_TOKENS = 8  # per request on the ~150 MB models (about 20 tokens/s on a CPU)
@@ -53,9 +57,9 @@ QUICK = Plan(one=6, concurrency=2, cache=2, gap=2, alternating=2, alternating_re
 FULL = Plan(one=20, concurrency=6, cache=5, gap=6, alternating=5, alternating_requests=6, startup=5)
 
 
-def make_models(root: Path) -> dict[str, Path]:
+def make_models(root: Path, real: bool) -> dict[str, Path]:
     return {
-        "small": make_test_model(root / "small", **SMALL),
+        "small": demo_model(CACHE) if real else make_test_model(root / "small", **SMALL),
         "big-a": make_test_model(root / "big-a", **BIG, seed=1),
         "big-b": make_test_model(root / "big-b", **BIG, seed=2),
         "big-c": make_test_model(root / "big-c", **BIG, seed=3),
@@ -71,8 +75,8 @@ def daemon_config(root: Path, models: dict[str, Path]) -> Path:
     return write_config(root / "models.yaml", entries, defaults={"keep_alive": -1, "options": {"temperature": 0}})
 
 
-async def measure_http(daemon: DaemonProcess, peer_url: str, models: dict[str, Path], api: str, plan: Plan, only: set[str], notes: list[str]) -> list[Row]:
-    raw = load_raw(models["small"])
+async def measure_http(daemon: DaemonProcess, peer_url: str, models: dict[str, Path], api: str, real: bool, plan: Plan, only: set[str], notes: list[str]) -> list[Row]:
+    raw = load_raw(models["small"], real=real)
 
     def pair(name: str) -> figures.Pair:
         return figures.Pair(Target("daemon", daemon.url, api, name), Target("mlx_lm.server", peer_url, "openai", str(models[name])))
@@ -99,8 +103,8 @@ async def measure_http(daemon: DaemonProcess, peer_url: str, models: dict[str, P
     return rows
 
 
-def measure(root: Path, api: str, plan: Plan, only: set[str], notes: list[str]) -> list[Row]:
-    models = make_models(root)
+def measure(root: Path, api: str, real: bool, plan: Plan, only: set[str], notes: list[str]) -> list[Row]:
+    models = make_models(root, real)
     config = daemon_config(root, models)
     rows: list[Row] = []
     if only - {"startup"}:
@@ -110,7 +114,7 @@ def measure(root: Path, api: str, plan: Plan, only: set[str], notes: list[str]) 
                 if name != "big-c":
                     daemon.wait_ready(name, timeout=120)
             peer_url, _ = stack.enter_context(mlx_lm_server(models["small"], root / "mlx-lm.log"))
-            rows += asyncio.run(measure_http(daemon, peer_url, models, api, plan, only, notes))
+            rows += asyncio.run(measure_http(daemon, peer_url, models, api, real, plan, only, notes))
     if "startup" in only:
         rows.append(figures.startup(config, models["small"], root, plan.startup))
     return rows
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md", help="where to write the Markdown results")
     parser.add_argument("--api", choices=("ollama", "openai"), default="ollama", help="the daemon route to stream from: /api/chat (NDJSON) or /v1/chat/completions (SSE)")
     parser.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
+    parser.add_argument("--model", choices=("random", "real"), default="random",
+                        help="the one-model figures' model: the random test model (fast, big batches) or the real demo model")
     parser.add_argument("--note", help="a line to put at the top of RESULTS.md")
     args = parser.parse_args(argv)
     only = {f.strip() for f in args.only.split(",") if f.strip()}
@@ -138,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="mlx-bench-") as tmp:
         try:
-            rows = measure(Path(tmp), args.api, plan, only, notes)
+            rows = measure(Path(tmp), args.api, args.model == "real", plan, only, notes)
         except BaseException:
             print_logs(Path(tmp))
             raise
     info["load average (1 min) at end"] = f"{os.getloadavg()[0]:.2f}"
-    settings = f"{'--quick' if args.quick else 'full'} run, daemon route {'/api/chat' if args.api == 'ollama' else '/v1/chat/completions'}, {plan}"
+    settings = f"{'--quick' if args.quick else 'full'} run, {args.model} model, daemon route {'/api/chat' if args.api == 'ollama' else '/v1/chat/completions'}, {plan}"
     print(table(rows))
     print(*notes, sep="\n")
     args.out.write_text(markdown(rows, info, notes, settings, args.note))

