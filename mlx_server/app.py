@@ -14,6 +14,7 @@ from .api import anthropic, ollama, openai, openapi, status
 from .api.common import (
     CONFIG,
     ENGINE,
+    GROUPS,
     MANAGER,
     METRICS,
     REAPER,
@@ -26,6 +27,7 @@ from .api.common import (
 )
 from .config import Config
 from .engine import Engine
+from .group.backend import DispatchBackend, GroupBackend
 from .loader import MlxBackend
 from .manager import Manager
 from .metrics import Metrics
@@ -47,6 +49,7 @@ def create_app(config: Config, *, probe: Callable[[], HostMemory] = read_host_me
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
     app[ENGINE] = Engine()
+    app[GROUPS] = GroupBackend()
     app.cleanup_ctx.append(_residency(probe))
     return app
 
@@ -56,14 +59,17 @@ def _residency(probe: Callable[[], HostMemory]):
         config, engine, metrics = app[CONFIG], app[ENGINE], app[METRICS]
         engine.start()
         backend = MlxBackend(engine, config.memory)
+        groups = app[GROUPS]
+        distributed = {m.name for m in config.models if m.distributed is not None}
         manager = Manager(
             config,
-            backend,
+            DispatchBackend(backend, groups, distributed),
             total_memory=probe().total,
             device_limit=lambda: engine.device_info.get("max_recommended_working_set_size"),
             observer=metrics,
             cache_bytes=backend.cache_bytes,
         )
+        groups.on_failure = manager.fail
         reaper = Reaper(manager, config.memory, probe)
         app[MANAGER] = manager
         app[REAPER] = reaper

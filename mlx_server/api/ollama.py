@@ -29,6 +29,7 @@ from ..tools import THINKING, TOOL_CALL, Piece, ToolCall, collect, function_tool
 from .common import (
     CONFIG,
     ENGINE,
+    GROUPS,
     MANAGER,
     METRICS,
     MODEL_KEY,
@@ -438,7 +439,11 @@ def ps_entry(request: web.Request, snap: ModelSnapshot) -> dict[str, Any]:
 
 async def ps(request: web.Request) -> web.Response:
     snaps = [s for s in request.app[MANAGER].snapshot() if s.state is ModelState.READY]
-    return web.json_response({"models": [ps_entry(request, s) for s in snaps]})
+    entries = [ps_entry(request, s) for s in snaps]
+    for entry in entries:  # a distributed model: its group's hosts, backend, mode and ranks
+        if (group := request.app[GROUPS].status(entry["name"])) is not None:
+            entry["group"] = group.to_json()
+    return web.json_response({"models": entries})
 
 
 def _show(model: ModelConfig, snap: ModelSnapshot) -> dict[str, Any]:
