@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -33,7 +34,9 @@ log = logging.getLogger("mlx_server.group")
 START_TIMEOUT = 900.0  # longest every rank may take to load its shard
 STOP_TIMEOUT = 10.0  # after SIGTERM, before SIGKILL
 WATCH_INTERVAL = 0.25
-TAIL_BYTES = 2000
+TAIL_BYTES = 4000
+TAIL_LINES = 6
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LAUNCH = "from mlx._distributed_utils.launch import main; main()"  # mlx.launch, with this interpreter
 
 
@@ -204,8 +207,8 @@ class GroupProcess:
             self.failure.set_result(reason)
         log.error("model '%s': distributed group failed: %s", self.name, reason)
         self._watcher = None  # stop() must not cancel the task that runs it
+        self._on_death(reason)  # failed first: no request is sent to what is left of the group
         await self.stop()
-        self._on_death(reason)
 
     # -- stop -------------------------------------------------------------------
 
@@ -246,16 +249,21 @@ class GroupProcess:
     # -- reading ----------------------------------------------------------------
 
     def tail(self) -> str:
-        """The last lines the ranks and the launcher wrote."""
+        """The last lines the ranks and the launcher wrote, repeats and colours dropped."""
         if self._log is None:
             return "(no output)"
         try:
             with open(self._log, "rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
-                text = f.read().decode(errors="replace").strip()
+                text = f.read().decode(errors="replace")
         except OSError:
             return "(no output)"
-        return text.replace("\x1b[33m", "").replace("\x1b[31m", "").replace("\x1b[32m", "").replace("\x1b[0m", "") or "(no output)"
+        lines: list[str] = []
+        for line in _ANSI.sub("", text).splitlines()[1:] or [text]:  # the first may be cut
+            line = line.strip()
+            if line and (not lines or lines[-1] != line):
+                lines.append(line)
+        return " | ".join(lines[-TAIL_LINES:]) or "(no output)"
 
     def status(self) -> GroupStatus:
         ranks: tuple[RankStatus, ...] = ()
