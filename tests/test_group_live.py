@@ -119,6 +119,15 @@ def test_status_shows_the_group(live, client):
     assert f"rank 1  {group['ranks'][1]['host']}  pid {group['ranks'][1]['pid']}  up" in out.stdout
 
 
+def test_what_a_group_does_not_offer_is_a_clear_400(live, client):
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="pair", prompt="hi", format="json", options=OPTIONS)
+    assert e.value.status_code == 400 and "structured output and logprobs are not available" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="pair", input="hi")
+    assert e.value.status_code == 400 and "does not compute embeddings" in e.value.error
+
+
 def test_shapes_the_ranks_cannot_split_fail_the_load_with_the_reason(client):
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="trio", prompt="hi", options=OPTIONS)

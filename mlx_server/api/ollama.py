@@ -294,6 +294,8 @@ async def embed_inputs(
     if len(inputs) > MAX_EMBED_INPUTS:
         raise BadRequest(f"'{param}' has {len(inputs)} items; at most {MAX_EMBED_INPUTS} are embedded per request", param=param)
     app = request.app
+    if app[MANAGER].resolve(name).distributed is not None:  # its ranks run generation only
+        raise BadRequest(f"model '{name}' is distributed over several ranks and does not compute embeddings", param="model")
     started = time.perf_counter()
     async with app[MANAGER].lease(name, keep_alive=keep_alive) as lease:
         request[MODEL_KEY] = lease.name

@@ -156,8 +156,12 @@ class Connection:
         return bool(readable)
 
 
-def serve(model, eos: set[int], ranks: Ranks, info: GroupInfo, port: int) -> None:
-    """Rank 0: answer the daemon, one request at a time; others queue in the backlog."""
+def serve(model, eos: set[int], ranks: Ranks, info: GroupInfo, port: int, daemon_pid: int) -> None:
+    """Rank 0: answer the daemon, one request at a time; others queue in the backlog.
+
+    It exits (and `mlx.launch` stops the other ranks) once the daemon is gone, so a
+    daemon killed outright leaves no group behind.
+    """
     server = socket.create_server(("127.0.0.1", port), backlog=128)
     server.settimeout(IDLE_SECONDS)
     print(f"mlx-server group: rank 0 of {ranks.size} listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
@@ -165,6 +169,8 @@ def serve(model, eos: set[int], ranks: Ranks, info: GroupInfo, port: int) -> Non
         try:
             sock, _ = server.accept()
         except TimeoutError:
+            if daemon_pid and not _alive(daemon_pid):
+                raise SystemExit(f"the daemon (pid {daemon_pid}) is gone; stopping the group") from None
             ranks.share(None)
             continue
         with sock:
@@ -193,6 +199,16 @@ def serve(model, eos: set[int], ranks: Ranks, info: GroupInfo, port: int) -> Non
             connection.send({"done": finish})
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def follow(model, eos: set[int], ranks: Ranks) -> None:
     """Ranks 1..N-1: run whatever rank 0 sends, for ever."""
     while True:
@@ -207,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("tensor", "pipeline"), default="tensor")
     parser.add_argument("--backend", default="ring")
     parser.add_argument("--port", type=int, required=True, help="rank 0 listens on 127.0.0.1:PORT")
+    parser.add_argument("--daemon-pid", type=int, default=0, help="rank 0 exits when this process is gone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank %(process)d %(levelname)s %(message)s")
 
@@ -221,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     eos = set(tokenizer.eos_token_ids)
     log.info("rank %d of %d loaded its shard (%.1f MB)", ranks.rank, ranks.size, shard_bytes / 1e6)
     if ranks.rank == 0:
-        serve(model, eos, ranks, info, args.port)
+        serve(model, eos, ranks, info, args.port, args.daemon_pid)
     else:
         follow(model, eos, ranks)
     return 0
