@@ -49,7 +49,7 @@ def create_app(config: Config, *, probe: Callable[[], HostMemory] = read_host_me
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
     app[ENGINE] = Engine()
-    app[GROUPS] = GroupBackend()
+    app[GROUPS] = GroupBackend(app[ENGINE])
     app.cleanup_ctx.append(_residency(probe))
     return app
 

@@ -172,3 +172,15 @@ def test_keep_alive_zero_unloads_every_rank(live, client):
     wait_until(lambda: model_health(live, "pair")["state"] == "unloaded", 60, "pair unloaded by keep_alive")
     assert none_alive(pids), "a rank outlived its group's unload"
     assert "group" not in model_health(live, "pair") and group_metric(live) == 0.0
+
+
+def test_a_daemon_killed_outright_leaves_no_group_behind(daemon, test_model):
+    process = daemon([{"name": "pair", "source": str(test_model), "preload": True, "distributed": {"ranks": 2}}])
+    process.wait_ready("pair", timeout=LAUNCH_TIMEOUT)
+    pids = rank_pids(process, "pair")
+    assert len(pids) == 2
+    marker = f"--daemon-pid {process.proc.pid}"
+    process.kill()  # SIGKILL: no shutdown, no unload
+    wait_until(lambda: none_alive(pids), 60, "the ranks of a killed daemon gone")
+    wait_until(lambda: not any(marker in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])), 30,
+               "mlx.launch of a killed daemon gone")

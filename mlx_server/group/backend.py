@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import ModelConfig
-from ..engine import _StopMatcher
+from ..engine import Engine, _StopMatcher
 from ..errors import BadRequest, GenerationFailed
 from ..jobs import DoneEvent, ErrorEvent, Event, GenerationJob, GenerationRequest, TextEvent
 from ..loader import _load_tokenizer
@@ -41,7 +41,8 @@ FAILURE_REASON_WAIT = 3.0  # a stream cut short waits this long for the watcher'
 
 
 class GroupBackend:
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
         self._groups: dict[str, GroupProcess] = {}
         self._tokenizers: dict[str, Any] = {}
         # (name, reason): the manager's `fail`, set once the manager exists
@@ -52,6 +53,9 @@ class GroupBackend:
     async def prepare(self, model: ModelConfig) -> Prepared:
         dist = model.distributed
         assert dist is not None
+        # Admission needs the device's limits, and the engine thread's imports of mlx_lm and
+        # transformers must be done before the checks below import them from a worker thread.
+        await self._engine.started()
         local = await asyncio.to_thread(locate, model)
         await asyncio.to_thread(check_shardable, dist, local.path, local.config)
         await asyncio.to_thread(check_rank0_here, dist)
