@@ -83,6 +83,7 @@ def _residency(probe: Callable[[], HostMemory]):
                 await task
         await manager.close()
         await manager.evict_idle("shutdown", enough=lambda: False)
+        await groups.close()  # a group that failed or was still loading: no rank outlives the daemon
         await engine.stop()  # drops whatever a cancelled request still held
 
     return residency

@@ -20,6 +20,7 @@ import logging
 import random
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,7 @@ class GroupBackend:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._groups: dict[str, GroupProcess] = {}
+        self._dying: weakref.WeakSet[GroupProcess] = weakref.WeakSet()  # failed, still being stopped
         self._tokenizers: dict[str, Any] = {}
         # (name, reason): the manager's `fail`, set once the manager exists
         self.on_failure: Callable[[str, str], None] = lambda name, reason: None
@@ -97,7 +99,14 @@ class GroupBackend:
         await group.stop()
         return freed
 
+    async def close(self) -> None:
+        """At shutdown, after the manager's unloads: stop whatever group is left."""
+        groups = [*self._groups.values(), *self._dying]
+        self._groups.clear()
+        await asyncio.gather(*(g.stop() for g in groups))
+
     def _died(self, name: str, group: GroupProcess, reason: str) -> None:
+        self._dying.add(group)
         if self._groups.get(name) is group:
             del self._groups[name]
             self._tokenizers.pop(name, None)

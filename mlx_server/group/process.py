@@ -140,16 +140,16 @@ class GroupProcess:
         self._log = Path(log_path)
         log.info("model '%s': launching %d ranks (%s, %s): %s", self.name, self.dist.ranks, self.dist.backend, self.dist.mode, " ".join(command))
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True
-            )
-        finally:
-            os.close(fd)
-        self._exited = asyncio.get_running_loop().create_task(self._proc.wait())
-        try:
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *command, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True
+                )
+            finally:
+                os.close(fd)
+            self._exited = asyncio.get_running_loop().create_task(self._proc.wait())
             self.info = await self._wait_ready()
         except BaseException:
-            await self.stop()
+            await self.stop()  # also removes the log file
             raise
         self.state = "up"
         _lower_priority(self._proc.pid)
