@@ -27,7 +27,14 @@ from typing import Any
 from ..config import ModelConfig
 from ..engine import Engine, _StopMatcher
 from ..errors import BadRequest, GenerationFailed
-from ..jobs import DoneEvent, ErrorEvent, Event, GenerationJob, GenerationRequest, TextEvent
+from ..jobs import (
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    GenerationJob,
+    GenerationRequest,
+    TextEvent,
+)
 from ..loader import _load_tokenizer
 from ..manager import Backend, Loaded, Prepared
 from ..sources import context_length, describe, locate

@@ -37,7 +37,7 @@ class Sampling:
     frequency_penalty: float
 
     @classmethod
-    def of(cls, options: GenerationOptions, seed: int) -> "Sampling":
+    def of(cls, options: GenerationOptions, seed: int) -> Sampling:
         return cls(
             temperature=options.temperature,
             top_p=options.top_p,
@@ -61,7 +61,7 @@ class GenerateCommand:
         return {"op": "generate", "prompt": list(self.prompt), "max_tokens": self.max_tokens, "sampling": asdict(self.sampling)}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "GenerateCommand":
+    def from_json(cls, body: dict[str, Any]) -> GenerateCommand:
         return cls(tuple(int(t) for t in body["prompt"]), int(body["max_tokens"]), Sampling(**body["sampling"]))
 
 
@@ -81,7 +81,7 @@ class GroupInfo:
         return {"ranks": [asdict(r) for r in self.ranks]}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "GroupInfo":
+    def from_json(cls, body: dict[str, Any]) -> GroupInfo:
         return cls(tuple(RankInfo(**r) for r in body["ranks"]))
 
 

@@ -16,7 +16,6 @@ call MLX on its main thread.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import select
@@ -150,6 +149,9 @@ class Connection:
         except OSError:
             return False
 
+    def send_token(self, token: int) -> bool:
+        return self.send({"token": token})
+
     def closed(self) -> bool:
         """The daemon hung up: it cancels by closing and sends nothing after its request."""
         readable, _, _ = select.select([self.sock], [], [], 0)
@@ -192,7 +194,7 @@ def serve(model, eos: set[int], ranks: Ranks, info: GroupInfo, port: int, daemon
             sock.settimeout(None)
             ranks.share(command.to_json())
             try:
-                finish = generate(model, eos, ranks, command, lambda t: connection.send({"token": t}), connection.closed)
+                finish = generate(model, eos, ranks, command, connection.send_token, connection.closed)
             except Exception as e:  # a collective failed: the group is broken, say so and exit
                 connection.send({"error": f"rank 0: {type(e).__name__}: {e}"})
                 raise
