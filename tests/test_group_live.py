@@ -39,6 +39,7 @@ def live(tmp_path_factory, test_model):
         {"name": "pair", "source": str(test_model), "distributed": {"ranks": 2, "backend": "ring", "mode": "tensor"}, "max_concurrency": 2},
         {"name": "solo", "source": str(test_model), "preload": True},
         {"name": "trio", "source": str(test_model), "distributed": {"ranks": 3}},  # 4 heads: refused at load
+        {"name": "nopython", "source": str(test_model), "distributed": {"ranks": 2, "python": "/nonexistent/bin/python"}},
     ]
     with ready_daemon(tmp_path_factory.mktemp("group"), models, ready="solo") as daemon:
         yield daemon
@@ -133,6 +134,12 @@ def test_shapes_the_ranks_cannot_split_fail_the_load_with_the_reason(client):
         client.generate(model="trio", prompt="hi", options=OPTIONS)
     assert e.value.status_code == 503
     assert "num_attention_heads is 4, which 3 ranks cannot share evenly" in e.value.error
+
+
+def test_ranks_that_cannot_start_fail_the_load_with_their_output(client):
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="nopython", prompt="hi", options=OPTIONS)
+    assert e.value.status_code == 503 and "while loading" in e.value.error and "/nonexistent/bin/python" in e.value.error
 
 
 def test_a_killed_rank_fails_the_stream_and_the_group_then_comes_back(live, client):
