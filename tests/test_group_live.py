@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
 import ollama
@@ -118,6 +119,20 @@ def test_status_shows_the_group(live, client):
     out = subprocess.run([sys.executable, "-m", "mlx_server", "ps", "--url", live.url], check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "ring tensor-parallel group" in out.stdout
     assert f"rank 1  {group['ranks'][1]['host']}  pid {group['ranks'][1]['pid']}  up" in out.stdout
+
+
+def test_requests_queue_at_rank_0_and_a_cancelled_stream_frees_the_group(live, client):
+    prompt = "The capital of France is"
+    expected = client.generate(model="solo", prompt=prompt, options=OPTIONS).response
+    with ThreadPoolExecutor(2) as pool:  # max_concurrency 2: both admitted, rank 0 runs one at a time
+        answers = list(pool.map(lambda _: client.generate(model="pair", prompt=prompt, options=OPTIONS).response, range(2)))
+    assert answers == [expected, expected]
+    body = json.dumps({"model": "pair", "prompt": "Count:", "options": {"temperature": 0, "num_predict": 3000}}).encode()
+    with urllib.request.urlopen(urllib.request.Request(live.url + "/api/generate", data=body), timeout=LAUNCH_TIMEOUT) as r:
+        assert json.loads(r.readline())["done"] is False  # then hang up mid-stream
+    started = time.monotonic()
+    assert client.generate(model="pair", prompt=prompt, options=OPTIONS).response == expected
+    assert time.monotonic() - started < 120, "the group went on generating for a stream nobody reads"
 
 
 def test_what_a_group_does_not_offer_is_a_clear_400(live, client):
