@@ -15,6 +15,7 @@ from .api import anthropic, ollama, openai, openapi, status
 from .api.common import (
     CONFIG,
     ENGINE,
+    GROUPS,
     MANAGER,
     METRICS,
     REAPER,
@@ -27,6 +28,7 @@ from .api.common import (
 )
 from .config import Config
 from .engine import Engine
+from .group.backend import DispatchBackend, GroupBackend
 from .loader import MlxBackend
 from .manager import Manager
 from .metrics import Metrics
@@ -56,6 +58,7 @@ def create_app(
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
     app[ENGINE] = Engine()
+    app[GROUPS] = GroupBackend(app[ENGINE])
     app.cleanup_ctx.append(_residency(probe, on_engine_death))
     return app
 
@@ -65,14 +68,17 @@ def _residency(probe: Callable[[], HostMemory], on_engine_death: Callable[[str],
         config, engine, metrics = app[CONFIG], app[ENGINE], app[METRICS]
         engine.start()
         backend = MlxBackend(engine, config.memory)
+        groups = app[GROUPS]
+        distributed = {m.name for m in config.models if m.distributed is not None}
         manager = Manager(
             config,
-            backend,
+            DispatchBackend(backend, groups, distributed),
             total_memory=probe().total,
             device_limit=lambda: engine.device_info.get("max_recommended_working_set_size"),
             observer=metrics,
             cache_bytes=backend.cache_bytes,
         )
+        groups.on_failure = manager.fail
         reaper = Reaper(manager, config.memory, probe)
         app[MANAGER] = manager
         app[REAPER] = reaper
@@ -88,6 +94,7 @@ def _residency(probe: Callable[[], HostMemory], on_engine_death: Callable[[str],
         await manager.close()
         if engine.alive:  # a dead engine has dropped every model already
             await manager.evict_idle("shutdown", enough=lambda: False)
+        await groups.close()  # a group that failed or was still loading: no rank outlives the daemon
         await engine.stop()  # drops whatever a cancelled request still held
 
     return residency

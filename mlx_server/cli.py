@@ -264,11 +264,25 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.all:
         return _ps_all(args.url)
     rows = [("NAME", "ID", "SIZE", "PROCESSOR", "UNTIL", "ACTIVE")]
-    for m in _call(args.url, "/api/ps")["models"]:
+    models = _call(args.url, "/api/ps")["models"]
+    for m in models:
         processor = "100% GPU" if m.get("size_vram") else "100% CPU"
         rows.append((m["name"], m["digest"][:12], _human_bytes(m["size"]), processor, _until(m.get("expires_at")), str(m.get("active_requests", 0))))
     _print_table(rows)
+    _print_groups(models)
     return 0
+
+
+def _print_groups(models: list[dict[str, Any]]) -> None:
+    """Distributed models: the group's backend and mode, then one line per rank."""
+    for m in models:
+        group = m.get("group")
+        if not group:
+            continue
+        print(f"\n{m['name']}: {group['backend']} {group['mode']}-parallel group on {', '.join(group['hosts'])} "
+              f"({group['ranks_up']}/{len(group['ranks'])} ranks up, {group['state']})")
+        for r in group["ranks"]:
+            print(f"  rank {r['rank']}  {r['host']}  pid {r['pid']}  {r['state']}  {_human_bytes(r['shard_bytes'])}")
 
 
 def _ps_all(url: str) -> int:
@@ -279,6 +293,7 @@ def _ps_all(url: str) -> int:
         ready = m["state"] == "ready"
         rows.append((m["name"], m["state"], _human_bytes(m["size"]) if ready else "-", _health_until(m), str(m["active_requests"]), str(m["queued"])))
     _print_table(rows)
+    _print_groups(health["models"])
     for m in health["models"]:
         if m.get("error"):
             print(f"{m['name']}: {m['error']}")

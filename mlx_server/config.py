@@ -6,9 +6,12 @@ is fixing a YAML file by hand, often from a launchd log.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -106,6 +109,24 @@ class MemoryConfig:
     disk_cache_dir: Path = _DEFAULT_DISK_CACHE_PATH
 
 
+DISTRIBUTED_BACKENDS = ("ring", "jaccl")
+DISTRIBUTED_MODES = ("tensor", "pipeline")
+MAX_LOCAL_RANKS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class DistributedConfig:
+    """One model sharded over ranks that `mlx.launch` starts (see mlx_server/group)."""
+
+    ranks: int  # how many ranks: len(hosts), the hostfile's hosts, or `ranks:` (all local)
+    hosts: tuple[str, ...] = ()  # empty: `ranks` local processes on 127.0.0.1
+    hostfile: str | None = None  # mlx.distributed_config's JSON (what jaccl needs)
+    backend: str = "ring"
+    mode: str = "tensor"
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    python: str | None = None  # the interpreter on every host; None: this one
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
@@ -118,6 +139,7 @@ class ModelConfig:
     max_concurrency: int = 8
     context_length: int | None = None
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    distributed: DistributedConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +316,82 @@ def _source(s: _Section, base: Path) -> tuple[str, bool]:
     return source, False
 
 
+def _distributed(file: str, label: str, raw: Any, base: Path) -> DistributedConfig | None:
+    """The `distributed` key: what can be checked without the model's files is checked here."""
+    if raw is None:
+        return None
+    s = _Section(file, f"{label}.distributed", raw, {"ranks", "hosts", "hostfile", "backend", "mode", "env", "python"})
+    given = [k for k in ("ranks", "hosts", "hostfile") if s.raw.get(k) is not None]
+    if len(given) != 1:
+        raise s.error(
+            given[1] if given else "hosts",
+            "give exactly one of 'hosts' (the Macs), 'hostfile' (from mlx.distributed_config) or 'ranks' (local processes)"
+            + (f"; got {' and '.join(given)}" if given else ""),
+        )
+    backend = s.get("backend", str, "ring")
+    if backend not in DISTRIBUTED_BACKENDS:
+        raise s.error("backend", f"must be one of {', '.join(DISTRIBUTED_BACKENDS)}, got {backend!r}")
+    mode = s.get("mode", str, "tensor")
+    if mode not in DISTRIBUTED_MODES:
+        raise s.error("mode", f"must be one of {', '.join(DISTRIBUTED_MODES)}, got {mode!r}")
+    if backend == "jaccl" and sys.platform != "darwin":
+        raise s.error("backend", f"jaccl (RDMA over Thunderbolt 5) needs macOS; this is {sys.platform} (use ring)")
+    hosts: tuple[str, ...] = ()
+    hostfile = None
+    if "ranks" in given:
+        ranks = s.integer("ranks", 2, 2, MAX_LOCAL_RANKS)
+    elif "hosts" in given:
+        listed = s.get("hosts", list, [])
+        if len(listed) < 2 or not all(isinstance(h, str) and h.strip() for h in listed):
+            raise s.error("hosts", "must list at least two hosts (names or IP addresses), rank 0 first")
+        hosts = tuple(h.strip() for h in listed)
+        if backend == "ring" and not all(_is_ip(h) for h in hosts):
+            raise s.error("hosts", "the ring backend needs IP addresses (mlx.launch connects the ranks by IP); "
+                          "or write a hostfile with mlx.distributed_config and give 'hostfile'")
+        if backend == "jaccl":
+            raise s.error("hosts", "jaccl needs each host's RDMA devices: write a hostfile with mlx.distributed_config and give 'hostfile'")
+        ranks = len(hosts)
+    else:
+        path = (base / Path(s.get("hostfile", str, "")).expanduser()).resolve()
+        hostfile = str(path)
+        ranks = _hostfile_ranks(s, path)
+    env = s.get("env", dict, {})
+    for key, value in env.items():
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise s.error("env", f"must map variable names to strings or numbers; {key!r}: {value!r} is not one")
+    python = s.get("python", str, None, optional=True)
+    return DistributedConfig(
+        ranks=ranks,
+        hosts=hosts,
+        hostfile=hostfile,
+        backend=backend,
+        mode=mode,
+        env=MappingProxyType({k: str(v) for k, v in env.items()}),
+        python=python or None,
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _hostfile_ranks(s: _Section, path: Path) -> int:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise s.error("hostfile", f"cannot read '{path}': {e.strerror or e}") from None
+    except ValueError as e:
+        raise s.error("hostfile", f"'{path}' is not valid JSON: {e}") from None
+    hosts = data.get("hosts") if isinstance(data, dict) else data
+    if not isinstance(hosts, list) or len(hosts) < 2 or not all(isinstance(h, dict) and isinstance(h.get("ssh"), str) for h in hosts):
+        raise s.error("hostfile", f"'{path}' must list at least two hosts, each with an 'ssh' name (mlx.distributed_config writes it)")
+    return len(hosts)
+
+
 def _model(file: str, index: int, raw: Any, base: Path) -> ModelConfig:
     label = f"models[{index}]"
     if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
@@ -323,6 +421,7 @@ def _model(file: str, index: int, raw: Any, base: Path) -> ModelConfig:
         max_concurrency=s.integer("max_concurrency", 8, 1, 4096),
         context_length=context,
         options=s.options("options"),
+        distributed=_distributed(file, label, s.raw.get("distributed"), base),
     )
 
 

@@ -52,7 +52,7 @@ class ModelState(StrEnum):
 _ALLOWED = {
     ModelState.UNLOADED: {ModelState.LOADING},
     ModelState.LOADING: {ModelState.READY, ModelState.FAILED, ModelState.UNLOADED},
-    ModelState.READY: {ModelState.UNLOADING},
+    ModelState.READY: {ModelState.UNLOADING, ModelState.FAILED},  # failed: its backend lost it
     ModelState.UNLOADING: {ModelState.UNLOADED},
     ModelState.FAILED: {ModelState.LOADING},
 }
@@ -357,6 +357,16 @@ class Manager:
         log.info("loaded '%s' (%.1f MB) in %.2fs", record.name, record.size / 1e6, seconds)
         self._settle(record)
         self._went_idle(record)
+
+    def fail(self, name: str, reason: str) -> None:
+        """The backend lost a ready model (a rank of its distributed group died): it is
+        `failed` with the reason, and a request after the back-off loads it again."""
+        record = self._records.get(name)
+        if record is None or record.state is not ModelState.READY:
+            return
+        record.expires_at = None
+        self._fail(record, reason)
+        log.error("model '%s' failed while loaded: %s", name, reason)
 
     def _fail(self, record: _Record, reason: str) -> None:
         record.error = reason

@@ -41,6 +41,7 @@ class LiveReading:
     system_available_bytes: int = 0
     mlx_active_bytes: int = 0
     mlx_cache_bytes: int = 0
+    group_ranks_up: dict[str, int] = field(default_factory=dict)  # distributed models only
 
 
 class _LiveCollector(Collector):
@@ -63,6 +64,10 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_system_memory_available_bytes", "Host memory available (psutil)", value=reading.system_available_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_mlx_active_memory_bytes", "Memory MLX has allocated", value=reading.mlx_active_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_mlx_cache_memory_bytes", "Memory in MLX's buffer cache", value=reading.mlx_cache_bytes)
+        ranks = GaugeMetricFamily(f"{PREFIX}_group_ranks_up", "Ranks of a distributed model's group that are up", labels=["model"])
+        for name, up in reading.group_ranks_up.items():
+            ranks.add_metric([name], float(up))
+        yield ranks
 
 
 class Metrics:

@@ -23,6 +23,7 @@ from aiohttp import hdrs, web
 
 from ..config import Config, ModelConfig, parse_keep_alive
 from ..engine import Engine
+from ..group.backend import GroupBackend
 from ..jobs import DoneEvent, ErrorEvent, GenerationJob, GenerationRequest, TextEvent
 from ..errors import BadRequest, MlxServerError, PayloadTooLarge, RateLimited, RouteError, Unauthorized, brief
 from ..manager import Lease, Manager
@@ -36,6 +37,7 @@ log = logging.getLogger("mlx_server.http")
 
 CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", Engine)
+GROUPS = web.AppKey("groups", GroupBackend)  # generates for the models with a `distributed` key
 MANAGER = web.AppKey("manager", Manager)
 METRICS = web.AppKey("metrics", Metrics)
 REAPER = web.AppKey("reaper", Reaper)
@@ -284,7 +286,8 @@ async def completion(request: web.Request, spec: CompletionSpec) -> AsyncIterato
         job = None
         if max_tokens > 0:
             processor = await asyncio.to_thread(spec.constrain, lease.tokenizer, max_tokens) if spec.constrain else None
-            job = app[ENGINE].generate(
+            generator = app[GROUPS] if lease.config.distributed is not None else app[ENGINE]
+            job = generator.generate(
                 GenerationRequest(
                     model=lease.name,
                     prompt=prompt,

@@ -29,6 +29,7 @@ from ..tools import THINKING, TOOL_CALL, Piece, ToolCall, collect, function_tool
 from .common import (
     CONFIG,
     ENGINE,
+    GROUPS,
     MANAGER,
     METRICS,
     MODEL_KEY,
@@ -293,6 +294,8 @@ async def embed_inputs(
     if len(inputs) > MAX_EMBED_INPUTS:
         raise BadRequest(f"'{param}' has {len(inputs)} items; at most {MAX_EMBED_INPUTS} are embedded per request", param=param)
     app = request.app
+    if app[MANAGER].resolve(name).distributed is not None:  # its ranks run generation only
+        raise BadRequest(f"model '{name}' is distributed over several ranks and does not compute embeddings", param="model")
     started = time.perf_counter()
     async with app[MANAGER].lease(name, keep_alive=keep_alive) as lease:
         request[MODEL_KEY] = lease.name
@@ -438,7 +441,11 @@ def ps_entry(request: web.Request, snap: ModelSnapshot) -> dict[str, Any]:
 
 async def ps(request: web.Request) -> web.Response:
     snaps = [s for s in request.app[MANAGER].snapshot() if s.state is ModelState.READY]
-    return web.json_response({"models": [ps_entry(request, s) for s in snaps]})
+    entries = [ps_entry(request, s) for s in snaps]
+    for entry in entries:  # a distributed model: its group's hosts, backend, mode and ranks
+        if (group := request.app[GROUPS].status(entry["name"])) is not None:
+            entry["group"] = group.to_json()
+    return web.json_response({"models": entries})
 
 
 def _show(model: ModelConfig, snap: ModelSnapshot) -> dict[str, Any]:

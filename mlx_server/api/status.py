@@ -10,7 +10,7 @@ from aiohttp import web
 from .. import __version__
 from ..manager import ModelState
 from ..metrics import CONTENT_TYPE, LiveModel, LiveReading
-from .common import ENGINE, MANAGER, METRICS, REAPER, STARTED, rfc3339
+from .common import CONFIG, ENGINE, GROUPS, MANAGER, METRICS, REAPER, STARTED, rfc3339
 
 
 async def health(request: web.Request) -> web.Response:
@@ -31,6 +31,9 @@ async def health(request: web.Request) -> web.Response:
         }
         if s.error:
             entry["error"] = s.error
+        group = app[GROUPS].status(s.name)
+        if group is not None:
+            entry["group"] = group.to_json()
         models.append(entry)
     host = reaper.read()
     stats = engine.stats
@@ -68,7 +71,18 @@ def live_reading(app: web.Application) -> LiveReading:
         system_available_bytes=app[REAPER].read().available,
         mlx_active_bytes=engine.stats.active_memory,
         mlx_cache_bytes=engine.stats.cache_memory,
+        group_ranks_up=group_ranks_up(app),
     )
+
+
+def group_ranks_up(app: web.Application) -> dict[str, int]:
+    """Ranks up per distributed model (0 while its group is not running)."""
+    groups = app[GROUPS]
+    return {
+        m.name: (status.ranks_up if (status := groups.status(m.name)) is not None else 0)
+        for m in app[CONFIG].models
+        if m.distributed is not None
+    }
 
 
 async def metrics(request: web.Request) -> web.Response:

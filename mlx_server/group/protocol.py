@@ -1,0 +1,96 @@
+"""The NDJSON protocol between the daemon and a group's rank 0, over loopback TCP.
+
+One connection per request; one JSON object per line each way:
+
+    daemon -> rank 0   {"op": "info"}
+    rank 0 -> daemon   {"ranks": [{"rank", "host", "pid", "shard_bytes"}...]}
+
+    daemon -> rank 0   {"op": "generate", "prompt": [ids], "max_tokens": N, "sampling": {...}}
+    rank 0 -> daemon   {"token": id}  ...one per generated token (an end-of-sequence token too)
+                       {"done": "stop" | "length" | "cancelled"}   or   {"error": "why"}
+
+The daemon cancels a generation by closing the connection; rank 0 notices before its
+next step. No MLX here: both sides import it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..options import GenerationOptions
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """What every rank needs to sample the same token: options and a shared seed."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int
+    repeat_penalty: float
+    repeat_last_n: int
+    presence_penalty: float
+    frequency_penalty: float
+
+    @classmethod
+    def of(cls, options: GenerationOptions, seed: int) -> Sampling:
+        return cls(
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            min_p=options.min_p,
+            seed=seed,
+            repeat_penalty=options.repeat_penalty,
+            repeat_last_n=options.repeat_last_n,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateCommand:
+    prompt: tuple[int, ...]
+    max_tokens: int
+    sampling: Sampling
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": "generate", "prompt": list(self.prompt), "max_tokens": self.max_tokens, "sampling": asdict(self.sampling)}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> GenerateCommand:
+        return cls(tuple(int(t) for t in body["prompt"]), int(body["max_tokens"]), Sampling(**body["sampling"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RankInfo:
+    rank: int
+    host: str
+    pid: int
+    shard_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    ranks: tuple[RankInfo, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ranks": [asdict(r) for r in self.ranks]}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> GroupInfo:
+        return cls(tuple(RankInfo(**r) for r in body["ranks"]))
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    body = json.loads(line)
+    if not isinstance(body, dict):
+        raise ValueError(f"expected a JSON object, got {line[:80]!r}")
+    return body
