@@ -32,6 +32,7 @@ class FakeBackend:
 
     def __init__(self, sizes: dict[str, int] | None = None):
         self.sizes = sizes or {}
+        self.configs: dict[str, dict] = {}  # config.json per model: its KV layout
         self.manager: Manager | None = None
         self.loaded: set[str] = set()
         self.loads: Counter[str] = Counter()
@@ -44,7 +45,8 @@ class FakeBackend:
         return self.sizes.get(name.split(":")[0], GiB)
 
     async def prepare(self, model):
-        return Prepared(Path("/nonexistent"), self.size(model.name))
+        await asyncio.sleep(0)  # the real one reads files in a worker thread
+        return Prepared(Path("/nonexistent"), self.size(model.name), self.configs.get(model.name.split(":")[0], {}))
 
     async def load(self, model, prepared):
         self.loads[model.name] += 1
@@ -73,6 +75,7 @@ def make(models: list[dict], *, budget_gb: float = 8, clock: Clock | None = None
     config = parse_config({"models": [{"source": "org/repo", **m} for m in models], "memory": memory, **sections})
     backend = FakeBackend(sizes)
     evictions: list[tuple[str, str]] = []
+    waits: Counter[str] = Counter()
 
     class Observer:
         def model_loaded(self, name, result, seconds):
@@ -81,9 +84,13 @@ def make(models: list[dict], *, budget_gb: float = 8, clock: Clock | None = None
         def model_evicted(self, name, reason):
             evictions.append((name.split(":")[0], reason))
 
+        def admission_waited(self, reason):
+            waits[reason] += 1
+
     manager = Manager(config, backend, total_memory=64 * GiB, observer=Observer(), clock=clock or Clock())
     backend.manager = manager
     manager.evictions = evictions
+    manager.waits = waits
     return manager, backend
 
 
@@ -387,3 +394,121 @@ async def test_reaper_treats_available_below_reserve_as_pressure():
 
     reaper = Reaper(manager, manager.config.memory, probe)
     assert await reaper.check() == ["a:latest"]
+
+
+# -- issue 15: residency faults ------------------------------------------------------
+
+
+async def test_two_cold_loads_under_a_budget_for_one_are_both_served_one_after_the_other():
+    manager, backend = make([{"name": "a"}, {"name": "b"}], budget_gb=1.5, clock=time.monotonic, server={"queue_timeout": 5})
+    await use(manager, "a")
+    await use(manager, "b")  # both sizes are known now, as after any earlier load
+    await manager.unload("b")
+    backend.gates["a:latest"] = asyncio.Event()
+    both = asyncio.gather(use(manager, "a"), use(manager, "b"))
+    await settle()
+    assert state(manager, "a") is ModelState.LOADING
+    backend.gates["a:latest"].set()
+    await asyncio.wait_for(both, 2)  # before the fix: each waited for the other until queue_timeout
+    assert backend.unloads[-1] == "a:latest" and manager.evictions[-1] == ("a", "lru")
+    assert state(manager, "b") is ModelState.READY and not backend.violations
+    assert manager.waits["load"] == 1
+
+
+async def test_a_request_for_a_loading_model_waits_for_that_load_only():
+    manager, backend = make([{"name": "a"}, {"name": "b"}, {"name": "c"}], budget_gb=8)
+    backend.gates["a:latest"] = asyncio.Event()
+    loading_a = asyncio.create_task(use(manager, "a"))
+    await settle()
+    waiting_b = asyncio.create_task(use(manager, "b"))  # behind a's load
+    await settle()
+    second_a = asyncio.create_task(use(manager, "a"))
+    await settle()
+    assert not second_a.done() and state(manager, "b") is ModelState.LOADING
+    backend.gates["a:latest"].set()
+    await asyncio.wait_for(asyncio.gather(loading_a, waiting_b, second_a), 2)
+    assert backend.loads == Counter({"a:latest": 1, "b:latest": 1})
+
+
+async def test_waiting_behind_another_load_times_out_with_a_503_naming_it():
+    manager, backend = make([{"name": "a"}, {"name": "b"}], clock=time.monotonic, server={"queue_timeout": 0.2})
+    backend.gates["a:latest"] = asyncio.Event()
+    loading_a = asyncio.create_task(use(manager, "a"))
+    await settle()
+    with pytest.raises(QueueFull, match="'a:latest' is loading") as e:
+        await use(manager, "b")
+    assert e.value.status == 503 and e.value.retry_after
+    assert state(manager, "b") is ModelState.UNLOADED
+    backend.gates["a:latest"].set()
+    await loading_a
+
+
+async def test_manual_unload_of_a_loading_model_is_not_undone_by_the_waiting_request():
+    manager, backend = make([{"name": "a", "keep_alive": -1}])
+    backend.gates["a:latest"] = asyncio.Event()
+    waiting = asyncio.create_task(use(manager, "a"))
+    await settle()
+    assert state(manager, "a") is ModelState.LOADING
+    assert await manager.unload("a") == "scheduled"
+    backend.gates["a:latest"].set()
+    await waiting  # it is served, then the model goes
+    await settle()
+    assert state(manager, "a") is ModelState.UNLOADED
+    assert manager.evictions == [("a", "manual")]
+
+
+async def test_manual_unload_of_a_busy_model_survives_a_later_request():
+    manager, backend = make([{"name": "a", "keep_alive": -1}])
+    task, release = await hold(manager, "a")
+    assert await manager.unload("a") == "scheduled"
+    await use(manager, "a", keep_alive=-1.0)  # a later request may not cancel the unload
+    assert state(manager, "a") is ModelState.READY
+    release.set()
+    await task
+    await settle()
+    assert state(manager, "a") is ModelState.UNLOADED and manager.evictions == [("a", "manual")]
+
+
+async def test_the_reaper_cannot_evict_at_the_hand_off_to_a_queued_request():
+    manager, backend = make([{"name": "a", "max_concurrency": 1}])
+    release = asyncio.Event()
+    evicted: list[str] = []
+
+    async def holder():
+        async with manager.lease("a"):
+            await release.wait()
+        # The lease is gone, the queued request has not run yet: the hand-off.
+        evicted.extend(await manager.evict_idle("pressure", enough=lambda: False))
+
+    running = asyncio.create_task(holder())
+    await settle()
+    queued = asyncio.create_task(use(manager, "a"))
+    await settle()
+    release.set()
+    await asyncio.gather(running, queued)
+    assert evicted == [] and backend.loads["a:latest"] == 1 and not backend.violations
+
+
+async def test_keep_alive_expires_while_a_preload_is_still_loading():
+    clock = Clock()
+    manager, backend = make([{"name": "b", "keep_alive": 5}, {"name": "slow", "preload": True}], clock=clock)
+    await use(manager, "b")
+    clock.advance(10)
+    backend.gates["slow:latest"] = asyncio.Event()
+    runner = asyncio.create_task(manager.run())
+    try:
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if state(manager, "b") is ModelState.UNLOADED:
+                break
+        assert state(manager, "slow") is ModelState.LOADING
+        assert state(manager, "b") is ModelState.UNLOADED and manager.evictions == [("b", "keep_alive")]
+        backend.gates["slow:latest"].set()
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if state(manager, "slow") is ModelState.READY:
+                break
+        assert state(manager, "slow") is ModelState.READY
+    finally:
+        runner.cancel()
+        await manager.close()
