@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlx_server.config import parse_config
-from mlx_server.errors import InsufficientMemory, LoadFailed, QueueFull
+from mlx_server.errors import BadRequest, InsufficientMemory, LoadFailed, QueueFull
 from mlx_server.manager import GiB, Loaded, Manager, ModelState, Prepared, pick_victim
 from mlx_server.reaper import HostMemory, Reaper
 
@@ -512,3 +512,121 @@ async def test_keep_alive_expires_while_a_preload_is_still_loading():
     finally:
         runner.cancel()
         await manager.close()
+
+
+# -- issue 16: KV reserved before a request runs ----------------------------------------
+
+MiB = 1 << 20
+# 4 layers x 2 KV heads x head dim 64 x 2 x 4 bytes = 4 KiB a token: 1 MiB per 256-token step
+LAYOUT = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "torch_dtype": "float32"}
+
+
+def make_kv(models: list[dict], *, budget_mb: float, **kwargs):
+    manager, backend = make(models, budget_gb=budget_mb / 1024, sizes={m["name"]: 4 * MiB for m in models}, **kwargs)
+    backend.configs = {m["name"]: LAYOUT for m in models}
+    return manager, backend
+
+
+async def hold_kv(manager: Manager, name: str, prompt: int, max_tokens: int, *, flexible: bool = False):
+    """A request that reserves its KV and runs until released; returns (task, release, its token budget)."""
+    release = asyncio.Event()
+    granted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def request():
+        async with manager.lease(name) as lease:
+            granted.set_result(await manager.reserve(lease, prompt, max_tokens, flexible=flexible))
+            await release.wait()
+
+    task = asyncio.create_task(request())
+    await settle()
+    return task, release, granted
+
+
+def line(manager: Manager, name: str):
+    return next(m for m in manager.ledger().models if m.name == f"{name}:latest")
+
+
+async def test_a_reservation_counts_in_the_ledger_until_the_request_ends():
+    manager, backend = make_kv([{"name": "a"}], budget_mb=16)
+    task, release, granted = await hold_kv(manager, "a", 100, 412)
+    assert granted.result() == 412
+    assert line(manager, "a").kv_reserved == 2 * MiB  # 512 tokens x 4 KiB
+    assert manager.ledger().used == 6 * MiB and manager.ledger().reserved == 2 * MiB
+    snap = next(s for s in manager.snapshot() if s.name == "a:latest")
+    assert snap.memory.kv == 2 * MiB and snap.size == 6 * MiB
+    release.set()
+    await task
+    assert line(manager, "a").kv_reserved == 0 and manager.ledger().used == 4 * MiB
+
+
+async def test_a_request_that_does_not_fit_waits_and_runs_when_another_finishes():
+    manager, backend = make_kv([{"name": "a", "max_concurrency": 8}], budget_mb=9, clock=time.monotonic, server={"queue_timeout": 5})
+    first, release_first, _ = await hold_kv(manager, "a", 100, 412)
+    second, release_second, _ = await hold_kv(manager, "a", 100, 412)
+    third, release_third, granted = await hold_kv(manager, "a", 100, 412)  # 4 + 3 x 2 MiB > 9
+    await asyncio.sleep(0.05)
+    assert not granted.done() and manager.waits["memory"] == 1
+    release_first.set()
+    assert await asyncio.wait_for(granted, 1) == 412
+    release_second.set()
+    release_third.set()
+    await asyncio.gather(first, second, third)
+    assert manager.ledger().reserved == 0
+
+
+async def test_waiting_for_memory_times_out_with_a_503_that_says_why():
+    manager, backend = make_kv([{"name": "a"}], budget_mb=7, clock=time.monotonic, server={"queue_timeout": 0.2})
+    task, release, _ = await hold_kv(manager, "a", 100, 412)
+    with pytest.raises(InsufficientMemory) as e:
+        async with manager.lease("a") as lease:
+            await manager.reserve(lease, 100, 412, flexible=False)
+    assert e.value.status == 503 and e.value.retry_after >= 1
+    assert "KV cache of a 512-token request to 'a:latest'" in e.value.message and "timed out" in e.value.message
+    release.set()
+    await task
+
+
+async def test_a_request_that_could_never_fit_is_a_400_at_once():
+    manager, backend = make_kv([{"name": "a"}], budget_mb=8, clock=time.monotonic, server={"queue_timeout": 30})
+    async with manager.lease("a") as lease:
+        with pytest.raises(BadRequest, match="can never fit in memory") as e:
+            await asyncio.wait_for(manager.reserve(lease, 100, 5000, flexible=False), 0.5)
+    assert e.value.status == 400
+
+
+async def test_without_num_predict_the_reservation_is_cut_to_what_can_ever_fit():
+    manager, backend = make_kv([{"name": "a"}], budget_mb=8)
+    async with manager.lease("a") as lease:
+        allowed = await manager.reserve(lease, 100, 5000, flexible=True)
+        assert allowed == 1024 - 100  # 4 MiB left beside the weights: 1024 tokens of KV
+        assert line(manager, "a").kv_reserved == 4 * MiB
+    async with manager.lease("a") as lease:
+        with pytest.raises(BadRequest):  # not even the prompt fits
+            await manager.reserve(lease, 2000, 100, flexible=True)
+
+
+async def test_an_idle_model_is_evicted_for_a_busy_ones_kv_never_the_busy_one():
+    clock = Clock()
+    manager, backend = make_kv([{"name": "a"}, {"name": "b", "max_concurrency": 4}], budget_mb=10, clock=clock)
+    await use(manager, "a")
+    clock.advance(1)
+    first, release_first, granted = await hold_kv(manager, "b", 100, 412)  # 4 + 4 + 2 = 10: fits
+    assert granted.result() == 412 and state(manager, "a") is ModelState.READY
+    second, release_second, granted = await hold_kv(manager, "b", 100, 412)  # 12: a must go
+    assert granted.result() == 412
+    assert backend.unloads == ["a:latest"] and manager.evictions == [("a", "lru")]
+    release_first.set()
+    release_second.set()
+    await asyncio.gather(first, second)
+    assert not backend.violations
+
+
+async def test_a_load_waits_for_another_models_reserved_kv():
+    manager, backend = make_kv([{"name": "a"}, {"name": "b"}], budget_mb=10, clock=time.monotonic, server={"queue_timeout": 5})
+    holder, release, _ = await hold_kv(manager, "a", 100, 1436)  # 4 + 6 MiB: the budget is full
+    loading_b = asyncio.create_task(use(manager, "b"))
+    await asyncio.sleep(0.05)
+    assert state(manager, "b") is ModelState.LOADING and not backend.loads["b:latest"]
+    release.set()
+    await asyncio.wait_for(asyncio.gather(holder, loading_b), 2)
+    assert backend.unloads == [] and manager.ledger().used == 8 * MiB  # both fit once a's KV is gone
