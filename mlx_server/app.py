@@ -27,13 +27,16 @@ from .api.common import (
 from .config import Config
 from .engine import Engine
 from .loader import MlxBackend
-from .manager import Manager
+from .manager import GiB, Manager
 from .metrics import Metrics
-from .reaper import HostMemory, Reaper, read_host_memory
+from .reaper import HostMemory, PressureSignal, Reaper, make_pressure_signal, read_host_memory
 
 
-def create_app(config: Config, *, probe: Callable[[], HostMemory] = read_host_memory) -> web.Application:
-    """The whole daemon as one Application; `probe` reads host memory (tests fake it)."""
+def create_app(
+    config: Config, *, probe: Callable[[], HostMemory] = read_host_memory, pressure: PressureSignal | None = None
+) -> web.Application:
+    """The whole daemon as one Application; `probe` reads host memory and `pressure`
+    says how pressed it is (the host's own signal by default; tests fake both)."""
     server = config.server
     middlewares = [make_cors_middleware(server.cors_origins)] if server.cors_origins else []
     middlewares += [access_log_middleware, errors_middleware]
@@ -46,12 +49,13 @@ def create_app(config: Config, *, probe: Callable[[], HostMemory] = read_host_me
     for module in (ollama, openai, anthropic, status, openapi):
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
-    app[ENGINE] = Engine()
-    app.cleanup_ctx.append(_residency(probe))
+    cache_limit = config.memory.mlx_cache_limit_gb
+    app[ENGINE] = Engine(cache_limit_bytes=None if cache_limit is None else int(cache_limit * GiB))
+    app.cleanup_ctx.append(_residency(probe, pressure or make_pressure_signal(config.memory, probe)))
     return app
 
 
-def _residency(probe: Callable[[], HostMemory]):
+def _residency(probe: Callable[[], HostMemory], pressure: PressureSignal):
     async def residency(app: web.Application) -> AsyncIterator[None]:
         config, engine, metrics = app[CONFIG], app[ENGINE], app[METRICS]
         engine.start()
@@ -60,11 +64,13 @@ def _residency(probe: Callable[[], HostMemory]):
             config,
             backend,
             total_memory=probe().total,
-            device_limit=lambda: engine.device_info.get("max_recommended_working_set_size"),
+            device_limit=backend.device_limit,
             observer=metrics,
             cache_bytes=backend.cache_bytes,
+            kv_bytes=backend.kv_bytes,
+            mlx_memory=backend.mlx_memory,
         )
-        reaper = Reaper(manager, config.memory, probe)
+        reaper = Reaper(manager, config.memory, pressure)
         app[MANAGER] = manager
         app[REAPER] = reaper
         metrics.bind_live(lambda: status.live_reading(app))

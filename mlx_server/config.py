@@ -100,6 +100,7 @@ class MemoryConfig:
     check_interval: float = 2.0
     max_loaded_models: int = 0
     prompt_cache_mb: float = 512.0  # per model, counted in its memory
+    mlx_cache_limit_gb: float | None = 1.0  # MLX's buffer cache of freed memory; None: MLX's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +245,7 @@ def _memory(file: str, raw: Any) -> MemoryConfig:
         check_interval=s.duration("check_interval", 2.0),
         max_loaded_models=s.integer("max_loaded_models", 0, 0, 10**4),
         prompt_cache_mb=s.number("prompt_cache_mb", 512.0, 0.0, 1e7),
+        mlx_cache_limit_gb=s.number("mlx_cache_limit_gb", 1.0, 0.0, 1e6, optional=True),
     )
     if memory.low_water > memory.high_water:
         raise s.error("low_water", f"must not exceed high_water ({memory.high_water:g})")

@@ -13,7 +13,7 @@ import pytest
 from mlx_server.config import parse_config
 from mlx_server.errors import BadRequest, InsufficientMemory, LoadFailed, QueueFull
 from mlx_server.manager import GiB, Loaded, Manager, ModelState, Prepared, pick_victim
-from mlx_server.reaper import HostMemory, Reaper
+from mlx_server.reaper import DarwinPressure, HostMemory, PressureLevel, PsutilPressure, Reaper
 
 
 class Clock:
@@ -367,7 +367,7 @@ async def test_reaper_unloads_idle_models_until_below_low_water():
     for name in ("idle1", "idle2", "pinned"):
         await use(manager, name)
         clock.advance(1)
-    reaper = Reaper(manager, manager.config.memory, probe)
+    reaper = Reaper(manager, manager.config.memory, PsutilPressure(manager.config.memory, probe))
     task, release = await hold(manager, "busy")
     assert await reaper.check() == []  # 50 + 40 = 90% used: not above high water
     assert not reaper.pressure
@@ -392,7 +392,7 @@ async def test_reaper_treats_available_below_reserve_as_pressure():
     def probe() -> HostMemory:
         return HostMemory(1000 * GiB, memory["available"] + (0 if backend.loaded else 600 * GiB))
 
-    reaper = Reaper(manager, manager.config.memory, probe)
+    reaper = Reaper(manager, manager.config.memory, PsutilPressure(manager.config.memory, probe))
     assert await reaper.check() == ["a:latest"]
 
 
@@ -630,3 +630,62 @@ async def test_a_load_waits_for_another_models_reserved_kv():
     release.set()
     await asyncio.wait_for(asyncio.gather(holder, loading_b), 2)
     assert backend.unloads == [] and manager.ledger().used == 8 * MiB  # both fit once a's KV is gone
+
+
+# -- the reaper on macOS: the kernel's pressure level ---------------------------------------
+
+
+class FakeKernel:
+    """Speaks `sysctl kern.memorystatus_vm_pressure_level` as documented: 1, 2 or 4."""
+
+    def __init__(self):
+        self.level = 1
+        self.asked: list[str] = []
+
+    def sysctl(self, name: str) -> int:
+        self.asked.append(name)
+        return self.level
+
+
+async def test_reaper_on_macos_unloads_one_idle_model_per_pass_on_warning_and_all_on_critical():
+    clock = Clock()
+    manager, backend = make([{"name": n} for n in ("a", "b", "c", "d")] + [{"name": "pinned", "pinned": True}], clock=clock)
+    for name in ("a", "b", "c", "d", "pinned"):
+        await use(manager, name)
+        clock.advance(1)
+    busy, release = await hold(manager, "d")
+    kernel = FakeKernel()
+    signal = DarwinPressure(lambda: HostMemory(64 * GiB, 8 * GiB), sysctl=kernel.sysctl, footprint=lambda: 5 * GiB)
+    reaper = Reaper(manager, manager.config.memory, signal)
+    assert await reaper.check() == [] and not reaper.pressure
+    assert kernel.asked[-1] == "kern.memorystatus_vm_pressure_level"
+    kernel.level = 2  # warning: the kernel revises slowly, so one model per pass
+    assert await reaper.check() == ["a:latest"]
+    assert reaper.pressure and reaper.last.level is PressureLevel.WARNING and reaper.last.footprint == 5 * GiB
+    assert await reaper.check() == ["b:latest"]
+    kernel.level = 4  # critical: every idle model
+    assert await reaper.check() == ["c:latest"]
+    assert backend.loaded == {"d:latest", "pinned:latest"}  # busy and pinned stay
+    kernel.level = 1
+    assert await reaper.check() == [] and not reaper.pressure
+    assert [reason for _, reason in manager.evictions] == ["pressure"] * 3
+    release.set()
+    await busy
+    assert not backend.violations
+
+
+async def test_reaper_on_macos_stops_once_the_kernel_says_normal():
+    manager, backend = make([{"name": "a"}, {"name": "b"}])
+    await use(manager, "a")
+    await use(manager, "b")
+    kernel = FakeKernel()
+    kernel.level = 4
+
+    def sysctl(name: str) -> int:
+        if backend.unloads:  # the first unload was enough
+            kernel.level = 1
+        return kernel.sysctl(name)
+
+    reaper = Reaper(manager, manager.config.memory, DarwinPressure(lambda: HostMemory(GiB, GiB // 2), sysctl=sysctl, footprint=lambda: None))
+    assert await reaper.check() == ["a:latest"]
+    assert backend.loaded == {"b:latest"}
