@@ -397,7 +397,7 @@ class Manager:
             )
             max_tokens = fits
             need = layout.bytes_for(prompt_tokens + max_tokens)
-        await self._make_room(need, record, lease.ticket.deadline, lambda: f"the KV cache of a {prompt_tokens + max_tokens}-token request to '{record.name}'")
+        await self._make_room(need, record, lease.ticket.deadline, f"the KV cache of a {prompt_tokens + max_tokens}-token request to '{record.name}'")
         record.kv_reserved += need
         lease.ticket.kv += need
         return max_tokens
@@ -512,12 +512,40 @@ class Manager:
         return self.budget if device is None else min(self.budget, device)
 
     async def _admit(self, record: _Record, deadline: float) -> None:
-        """Make room for `record`: unload idle models (LRU), or wait for busy ones."""
+        """Make room for `record`'s weights: unload idle models (LRU), or wait for busy ones."""
         ceiling = self._ceiling()
         if record.size > ceiling:
             raise MlxServerError(f"it needs {record.size / GiB:.2f} GiB but the memory budget is {ceiling / GiB:.2f} GiB")
+
+        def refusal() -> InsufficientMemory:
+            return InsufficientMemory(
+                f"not enough memory to load '{record.name}' ({record.size / GiB:.2f} GiB of "
+                f"{self.budget / GiB:.2f} GiB budget): held by {self._holders(record)}",
+                retry_after=10.0,
+            )
+
+        await self._wait_for_room(lambda: self._fits(record), record, deadline, refusal)
+
+    async def _make_room(self, need: int, record: _Record, deadline: float, what: str) -> None:
+        """Return once `need` more bytes fit under the ceiling beside everything held now."""
+
+        def refusal() -> InsufficientMemory:
+            return InsufficientMemory(
+                f"not enough memory for {what} ({need / GiB:.3f} GiB; {self._used() / GiB:.3f} of "
+                f"{self._ceiling() / GiB:.3f} GiB budget in use, held by {self._holders(None)}); "
+                f"timed out waiting for running requests to finish",
+                retry_after=5.0,
+            )
+
+        await self._wait_for_room(lambda: self._used() + need <= self._ceiling(), record, deadline, refusal)
+
+    async def _wait_for_room(
+        self, fits: Callable[[], bool], record: _Record, deadline: float, refusal: Callable[[], InsufficientMemory]
+    ) -> None:
+        """Until `fits()`: unload idle models (LRU, never `record`), else wait for busy ones
+        to finish until `deadline`, then raise `refusal()`."""
         waited = False
-        while not self._fits(record):
+        while not fits():
             victim = pick_victim(list(self._records.values()), exclude=record)
             if victim is not None:
                 await self._unload(victim, "lru")
@@ -527,47 +555,19 @@ class Manager:
                 waited = True
             remaining = deadline - self._clock()
             if remaining <= 0:
-                holders = ", ".join(
-                    f"'{r.name}' ({self._memory_of(r) / GiB:.2f} GiB, {r.leases} active{', pinned' if r.config.pinned else ''})"
-                    for r in self._records.values()
-                    if r.resident and r is not record
-                )
-                raise InsufficientMemory(
-                    f"not enough memory to load '{record.name}' ({record.size / GiB:.2f} GiB of "
-                    f"{self.budget / GiB:.2f} GiB budget): held by {holders or 'nothing'}",
-                    retry_after=10.0,
-                )
+                raise refusal()
             self._changed.clear()
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
-    async def _make_room(self, need: int, record: _Record, deadline: float, what: Callable[[], str]) -> None:
-        """Return once `need` more bytes fit under the ceiling: evict idle models, or wait for busy ones."""
-        waited = False
-        while self._used() + need > self._ceiling():
-            victim = pick_victim(list(self._records.values()), exclude=record)
-            if victim is not None:
-                await self._unload(victim, "lru")
-                continue
-            if not waited:
-                self._observer.admission_waited("memory")
-                waited = True
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                holders = ", ".join(
-                    f"'{r.name}' ({self._memory_of(r) / GiB:.3f} GiB, {r.leases} active{', pinned' if r.config.pinned else ''})"
-                    for r in self._records.values()
-                    if r.resident
-                )
-                raise InsufficientMemory(
-                    f"not enough memory for {what()} ({need / GiB:.3f} GiB; {self._used() / GiB:.3f} of "
-                    f"{self._ceiling() / GiB:.3f} GiB budget in use, held by {holders or 'nothing'}); "
-                    f"timed out waiting for running requests to finish",
-                    retry_after=5.0,
-                )
-            self._changed.clear()
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+    def _holders(self, exclude: _Record | None) -> str:
+        """Who holds the memory, for a 503 that says why."""
+        held = [
+            f"'{r.name}' ({self._memory_of(r) / GiB:.3f} GiB, {r.leases} active{', pinned' if r.config.pinned else ''})"
+            for r in self._records.values()
+            if r.resident and r is not exclude
+        ]
+        return ", ".join(held) or "nothing"
 
     # -- unloading --------------------------------------------------------------
 
