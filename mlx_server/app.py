@@ -29,7 +29,13 @@ from .engine import Engine
 from .loader import MlxBackend
 from .manager import GiB, Manager
 from .metrics import Metrics
-from .reaper import HostMemory, PressureSignal, Reaper, make_pressure_signal, read_host_memory
+from .reaper import (
+    HostMemory,
+    PressureSignal,
+    Reaper,
+    make_pressure_signal,
+    read_host_memory,
+)
 
 
 def create_app(

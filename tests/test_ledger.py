@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from mlx_server.ledger import KV_STEP, KvLayout, Ledger, MlxMemory, ModelMemory, kv_layout
+from mlx_server.ledger import (
+    KV_STEP,
+    KvLayout,
+    Ledger,
+    MlxMemory,
+    ModelMemory,
+    kv_layout,
+)
 from mlx_server.testing import make_test_model
 
 

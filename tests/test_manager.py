@@ -13,7 +13,13 @@ import pytest
 from mlx_server.config import parse_config
 from mlx_server.errors import BadRequest, InsufficientMemory, LoadFailed, QueueFull
 from mlx_server.manager import GiB, Loaded, Manager, ModelState, Prepared, pick_victim
-from mlx_server.reaper import DarwinPressure, HostMemory, PressureLevel, PsutilPressure, Reaper
+from mlx_server.reaper import (
+    DarwinPressure,
+    HostMemory,
+    PressureLevel,
+    PsutilPressure,
+    Reaper,
+)
 
 
 class Clock:
@@ -689,3 +695,14 @@ async def test_reaper_on_macos_stops_once_the_kernel_says_normal():
     reaper = Reaper(manager, manager.config.memory, DarwinPressure(lambda: HostMemory(GiB, GiB // 2), sysctl=sysctl, footprint=lambda: None))
     assert await reaper.check() == ["a:latest"]
     assert backend.loaded == {"b:latest"}
+
+
+async def test_the_devices_recommended_working_set_caps_the_budget():
+    config = parse_config({"models": [{"name": "a", "source": "org/repo"}], "memory": {"budget_gb": 100}})
+    backend = FakeBackend({"a": 4 * MiB})
+    backend.configs = {"a": LAYOUT}
+    manager = Manager(config, backend, total_memory=128 * GiB, device_limit=lambda: 8 * MiB)
+    backend.manager = manager
+    assert manager.ledger().ceiling == 8 * MiB
+    async with manager.lease("a") as lease:
+        assert await manager.reserve(lease, 100, 5000, flexible=True) == 1024 - 100  # 4 MiB of KV beside 4 MiB of weights

@@ -16,10 +16,9 @@ import urllib.error
 import urllib.request
 
 import psutil
+from test_memory_live import UNENDING, call, health, state_of
 
 from mlx_server.ledger import kv_layout
-
-from test_memory_live import UNENDING, call, health, state_of
 
 GiB = 1 << 30
 MiB = 1 << 20
