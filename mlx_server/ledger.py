@@ -20,7 +20,6 @@ _DTYPE_BYTES = {
     "float32": 4,
     "float16": 2,
     "bfloat16": 2,
-    "float64": 8,
 }
 
 
@@ -118,6 +117,10 @@ class Ledger:
     @property
     def used(self) -> int:
         return sum(m.total for m in self.models)
+
+    @property
+    def kv(self) -> int:
+        return sum(m.kv for m in self.models)
 
     @property
     def reserved(self) -> int:

@@ -263,9 +263,6 @@ class Manager:
     def ledger(self) -> Ledger:
         return Ledger(tuple(self._line(r) for r in self._records.values()), self._ceiling(), self._mlx_memory())
 
-    def resident_bytes(self) -> int:
-        return sum(self._memory_of(r) for r in self._records.values() if r.resident)
-
     def queue_depth(self) -> int:
         return sum(r.queued + r.admitted for r in self._records.values())
 
@@ -505,6 +502,7 @@ class Manager:
         return used <= self._ceiling() and (limit == 0 or len(others) < limit)
 
     def _used(self) -> int:
+        """Everything the ledger holds: what the next load or reservation must fit beside."""
         return sum(self._memory_of(r) for r in self._records.values())
 
     def _ceiling(self) -> int:

@@ -80,5 +80,5 @@ def test_ledger_totals():
     assert ready.kv == 200 and grown.kv == 180  # a reservation until the cache outgrows it
     ledger = Ledger((ready, loading, grown), ceiling=2000, mlx=MlxMemory(active=1200, cache=30))
     assert ledger.used == 1250 + 300 + 190
-    assert ledger.reserved == 200 + 300 + 100
+    assert ledger.reserved == 200 + 300 + 100 and ledger.kv == 200 + 180
     assert ledger.free == 2000 - 1740

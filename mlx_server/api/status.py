@@ -54,10 +54,10 @@ async def health(request: web.Request) -> web.Response:
             "footprint_bytes": pressure.footprint,
             "budget_bytes": manager.budget,
             "ceiling_bytes": ledger.ceiling,  # the budget, or the device's working set if smaller
-            "resident_bytes": manager.resident_bytes(),
+            "resident_bytes": ledger.used,  # the older name of used_bytes
             "used_bytes": ledger.used,  # weights, prompt caches, KV and loads under way
             "reserved_bytes": ledger.reserved,
-            "kv_bytes": sum(m.kv for m in ledger.models),
+            "kv_bytes": ledger.kv,
             "mlx_active_bytes": ledger.mlx.active,
             "mlx_cache_bytes": ledger.mlx.cache,
         },
