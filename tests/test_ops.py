@@ -333,7 +333,7 @@ def test_start_script_sets_everything_up_on_a_fresh_checkout(checkout, tmp_path)
     assert f"installing mlx-server into {root}/.venv" in progress
     assert f"creating the demo model in {root}/models/demo" in progress
     assert f"mlx-server is running at http://127.0.0.1:{port} (pid {own_pid(root)})" in out
-    assert re.search(r"demo:latest\s+ready\s+\d+\.\d MB\s+Forever", out)
+    assert re.search(r"demo:latest\s+ready\s+\d+\.\d MB\s+0 B\s+Forever", out)
     for hub_model in ("qwen2.5-coder:32b", "phi3.5:3.8b", "tinyllama:latest"):
         assert re.search(rf"{re.escape(hub_model)}\s+failed", out)
         assert re.search(rf"{re.escape(hub_model)}: '\S+' is not in the local Hugging Face cache", out)
