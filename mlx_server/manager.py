@@ -383,8 +383,8 @@ class Manager:
                 raise BadRequest(
                     f"this request can never fit in memory: its KV cache ({prompt_tokens} prompt + {max_tokens} "
                     f"generated tokens) needs {need / GiB:.3f} GiB, and {room / GiB:.3f} GiB of the "
-                    f"{self._ceiling() / GiB:.3f} GiB memory budget is left beside '{record.name}' and the pinned "
-                    f"models; send a shorter prompt or a smaller num_predict / max_tokens",
+                    f"{self._ceiling() / GiB:.3f} GiB memory budget is left beside the weights of '{record.name}' and "
+                    f"of the pinned models; send a shorter prompt or a smaller num_predict / max_tokens",
                     param="num_predict",
                 )
             log.info(
@@ -400,9 +400,10 @@ class Manager:
         return max_tokens
 
     def _fixed_bytes(self, record: _Record) -> int:
-        """What nothing can evict while `record` serves: its own weights and prompt cache, and pinned models."""
+        """What nothing can free while `record` serves: its own weights and pinned models' weights.
+        (Prompt caches are not counted here: they shrink, so a request they hold back waits.)"""
         pinned = sum(r.size for r in self._records.values() if r.config.pinned and r.resident and r is not record)
-        return record.size + self._cache_bytes(record.name) + pinned
+        return record.size + pinned
 
     def _went_idle(self, record: _Record) -> None:
         """A lease or a wait ended: arm keep_alive once nothing uses the model."""
@@ -555,8 +556,10 @@ class Manager:
             if remaining <= 0:
                 raise refusal()
             self._changed.clear()
+            # Woken by any lease, load or unload; and every sweep interval, because what the
+            # engine measures (prompt caches, live KV) changes without telling the manager.
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                await asyncio.wait_for(self._changed.wait(), min(remaining, SWEEP_INTERVAL))
 
     def _holders(self, exclude: _Record | None) -> str:
         """Who holds the memory, for a 503 that says why."""

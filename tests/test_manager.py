@@ -706,3 +706,18 @@ async def test_the_devices_recommended_working_set_caps_the_budget():
     assert manager.ledger().ceiling == 8 * MiB
     async with manager.lease("a") as lease:
         assert await manager.reserve(lease, 100, 5000, flexible=True) == 1024 - 100  # 4 MiB of KV beside 4 MiB of weights
+
+
+async def test_a_reservation_waiting_on_a_prompt_cache_runs_once_the_engine_reports_it_smaller():
+    config = parse_config({"models": [{"name": "a", "source": "org/repo"}], "memory": {"budget_gb": 10 / 1024}, "server": {"queue_timeout": 5}})
+    backend = FakeBackend({"a": 4 * MiB})
+    backend.configs = {"a": LAYOUT}
+    prompt_cache = {"bytes": 5 * MiB}
+    manager = Manager(config, backend, total_memory=64 * GiB, cache_bytes=lambda name: prompt_cache["bytes"])
+    backend.manager = manager
+    async with manager.lease("a") as lease:
+        waiting = asyncio.create_task(manager.reserve(lease, 100, 412, flexible=False))  # 4 + 5 + 2 > 10
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        prompt_cache["bytes"] = 1 * MiB  # the engine trimmed it; nobody told the manager
+        assert await asyncio.wait_for(waiting, 2) == 412
