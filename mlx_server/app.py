@@ -30,9 +30,15 @@ from .config import Config
 from .engine import Engine
 from .group.backend import DispatchBackend, GroupBackend
 from .loader import MlxBackend
-from .manager import Manager
+from .manager import GiB, Manager
 from .metrics import Metrics
-from .reaper import HostMemory, Reaper, read_host_memory
+from .reaper import (
+    HostMemory,
+    PressureSignal,
+    Reaper,
+    make_pressure_signal,
+    read_host_memory,
+)
 
 log = logging.getLogger("mlx_server.app")
 
@@ -41,9 +47,11 @@ def create_app(
     config: Config,
     *,
     probe: Callable[[], HostMemory] = read_host_memory,
+    pressure: PressureSignal | None = None,
     on_engine_death: Callable[[str], None] | None = None,
 ) -> web.Application:
-    """The whole daemon as one Application; `probe` reads host memory (tests fake it);
+    """The whole daemon as one Application; `probe` reads host memory and `pressure`
+    says how pressed it is (the host's own signal by default; tests fake both);
     `on_engine_death(reason)` runs if the engine thread dies (the daemon exits non-zero)."""
     server = config.server
     middlewares = [make_cors_middleware(server.cors_origins)] if server.cors_origins else []
@@ -57,13 +65,16 @@ def create_app(
     for module in (ollama, openai, anthropic, status, openapi):
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
-    app[ENGINE] = Engine()
+    cache_limit = config.memory.mlx_cache_limit_gb
+    app[ENGINE] = Engine(cache_limit_bytes=None if cache_limit is None else int(cache_limit * GiB))
     app[GROUPS] = GroupBackend(app[ENGINE])
-    app.cleanup_ctx.append(_residency(probe, on_engine_death))
+    app.cleanup_ctx.append(_residency(probe, pressure or make_pressure_signal(config.memory, probe), on_engine_death))
     return app
 
 
-def _residency(probe: Callable[[], HostMemory], on_engine_death: Callable[[str], None] | None):
+def _residency(
+    probe: Callable[[], HostMemory], pressure: PressureSignal, on_engine_death: Callable[[str], None] | None
+):
     async def residency(app: web.Application) -> AsyncIterator[None]:
         config, engine, metrics = app[CONFIG], app[ENGINE], app[METRICS]
         engine.start()
@@ -74,12 +85,14 @@ def _residency(probe: Callable[[], HostMemory], on_engine_death: Callable[[str],
             config,
             DispatchBackend(backend, groups, distributed),
             total_memory=probe().total,
-            device_limit=lambda: engine.device_info.get("max_recommended_working_set_size"),
+            device_limit=backend.device_limit,
             observer=metrics,
             cache_bytes=backend.cache_bytes,
+            kv_bytes=backend.kv_bytes,
+            mlx_memory=backend.mlx_memory,
         )
         groups.on_failure = manager.fail
-        reaper = Reaper(manager, config.memory, probe)
+        reaper = Reaper(manager, config.memory, pressure)
         app[MANAGER] = manager
         app[REAPER] = reaper
         metrics.bind_live(lambda: status.live_reading(app))

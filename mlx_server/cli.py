@@ -263,11 +263,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
     """Loaded models like `ollama ps`; with --all every configured model and its state."""
     if args.all:
         return _ps_all(args.url)
-    rows = [("NAME", "ID", "SIZE", "PROCESSOR", "UNTIL", "ACTIVE")]
+    rows = [("NAME", "ID", "SIZE", "KV", "PROCESSOR", "UNTIL", "ACTIVE")]
     models = _call(args.url, "/api/ps")["models"]
     for m in models:
         processor = "100% GPU" if m.get("size_vram") else "100% CPU"
-        rows.append((m["name"], m["digest"][:12], _human_bytes(m["size"]), processor, _until(m.get("expires_at")), str(m.get("active_requests", 0))))
+        kv = _human_bytes(m["memory"]["kv_bytes"]) if "memory" in m else "-"
+        rows.append((m["name"], m["digest"][:12], _human_bytes(m["size"]), kv, processor, _until(m.get("expires_at")), str(m.get("active_requests", 0))))
     _print_table(rows)
     _print_groups(models)
     return 0
@@ -288,11 +289,14 @@ def _print_groups(models: list[dict[str, Any]]) -> None:
 def _ps_all(url: str) -> int:
     """From /health, which needs no API key: every model's state, and why one failed."""
     health = _call(url, "/health", timeout=30)
-    rows = [("NAME", "STATE", "SIZE", "UNTIL", "ACTIVE", "QUEUED")]
+    rows = [("NAME", "STATE", "SIZE", "KV", "UNTIL", "ACTIVE", "QUEUED")]
     for m in health["models"]:
-        ready = m["state"] == "ready"
-        rows.append((m["name"], m["state"], _human_bytes(m["size"]) if ready else "-", _health_until(m), str(m["active_requests"]), str(m["queued"])))
+        held = m["state"] in ("ready", "loading")
+        kv = _human_bytes(m["memory"]["kv_bytes"]) if held and "memory" in m else "-"
+        rows.append((m["name"], m["state"], _human_bytes(m["size"]) if held else "-", kv, _health_until(m), str(m["active_requests"]), str(m["queued"])))
     _print_table(rows)
+    if "used_bytes" in health["memory"]:
+        print(_memory_line(health["memory"]))
     _print_groups(health["models"])
     for m in health["models"]:
         if m.get("error"):
@@ -300,6 +304,16 @@ def _ps_all(url: str) -> int:
     if not health["engine"]["alive"]:
         print(f"engine: dead ({health['engine'].get('error', 'unknown reason')})")
     return 0
+
+
+def _memory_line(memory: dict[str, Any]) -> str:
+    """The ledger in one line: what is held against the ceiling, and what MLX says."""
+    return (
+        f"memory: {_human_bytes(memory['used_bytes'])} of {_human_bytes(memory['ceiling_bytes'])} "
+        f"(KV {_human_bytes(memory['kv_bytes'])}, reserved {_human_bytes(memory['reserved_bytes'])}); "
+        f"MLX active {_human_bytes(memory['mlx_active_bytes'])}, cache {_human_bytes(memory['mlx_cache_bytes'])}; "
+        f"pressure {memory['pressure_level']} ({memory['pressure_source']})"
+    )
 
 
 def _health_until(model: dict[str, Any]) -> str:

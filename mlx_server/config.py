@@ -107,6 +107,7 @@ class MemoryConfig:
     prompt_cache_mb: float = 512.0  # per model, counted in its memory
     disk_cache_gb: float = 0.0  # prompt caches kept on disk across unloads and restarts; 0 = off
     disk_cache_dir: Path = _DEFAULT_DISK_CACHE_PATH
+    mlx_cache_limit_gb: float | None = 1.0  # MLX's buffer cache of freed memory; None: MLX's default
 
 
 DISTRIBUTED_BACKENDS = ("ring", "jaccl")
@@ -272,6 +273,7 @@ def _memory(file: str, raw: Any, base: Path) -> MemoryConfig:
         prompt_cache_mb=s.number("prompt_cache_mb", 512.0, 0.0, 1e7),
         disk_cache_gb=s.number("disk_cache_gb", 0.0, 0.0, 1e6),
         disk_cache_dir=_directory(s, "disk_cache_dir", DEFAULT_DISK_CACHE_DIR, base),
+        mlx_cache_limit_gb=s.number("mlx_cache_limit_gb", 1.0, 0.0, 1e6, optional=True),
     )
     if memory.low_water > memory.high_water:
         raise s.error("low_water", f"must not exceed high_water ({memory.high_water:g})")

@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import MemoryConfig, ModelConfig
 from .engine import Engine
+from .ledger import MlxMemory
 from .manager import Loaded, Prepared
 from .sources import context_length, describe, locate
 
@@ -49,9 +50,23 @@ class MlxBackend:
     async def unload(self, name: str) -> int:
         return await self._engine.unload(name)
 
+    # What the engine measured, for the manager's ledger (snapshots: no MLX call here).
+
     def cache_bytes(self, name: str) -> int:
         stats = self._engine.stats.models.get(name)
         return stats.prompt_cache_bytes if stats else 0
+
+    def kv_bytes(self, name: str) -> int:
+        stats = self._engine.stats.models.get(name)
+        return stats.kv_bytes if stats else 0
+
+    def mlx_memory(self) -> MlxMemory:
+        stats = self._engine.stats
+        return MlxMemory(active=stats.active_memory, cache=stats.cache_memory)
+
+    def device_limit(self) -> int | None:
+        """Metal's recommended working set, the budget's ceiling on a Mac; None elsewhere."""
+        return self._engine.device_info.get("max_recommended_working_set_size")
 
 
 def _load_tokenizer(path: Path, eos_token_ids: Any) -> Any:

@@ -7,8 +7,15 @@ happens between two awaits. Models move through
     unloaded -> loading -> ready -> unloading -> unloaded      (+ failed, with its reason)
 
 and every move goes through `_transition`. A lease (one per running request) is
-the only thing that protects a model; a model that is loading, leased or awaited
-by a request that was admitted to it is never unloaded, by anything.
+the only thing that protects a model; a model that is loading, leased, awaited by
+a request that was admitted to it or by one queued for its slot is never unloaded,
+by anything. Loads are admitted one at a time, so two cold loads cannot each
+wait for the other to make room.
+
+Memory is counted in a ledger (`ledger.py`): weights, prompt caches, the KV that
+each running request reserved before it ran, and the weights of the load under
+way. A request that does not fit waits for idle models to be evicted or busy ones
+to finish, up to `queue_timeout`; one that could never fit is refused at once.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any, Protocol
 
 from .config import FOREVER, Config, ModelConfig
 from .errors import (
+    BadRequest,
     InsufficientMemory,
     LoadFailed,
     MlxServerError,
@@ -33,6 +41,7 @@ from .errors import (
     QueueFull,
     ShuttingDown,
 )
+from .ledger import KvLayout, Ledger, MlxMemory, ModelMemory, kv_layout
 
 log = logging.getLogger("mlx_server.manager")
 
@@ -90,12 +99,17 @@ class Observer(Protocol):
 
     def model_evicted(self, name: str, reason: str) -> None: ...
 
+    def admission_waited(self, reason: str) -> None: ...
+
 
 class _NoObserver:
     def model_loaded(self, name: str, result: str, seconds: float) -> None:
         pass
 
     def model_evicted(self, name: str, reason: str) -> None:
+        pass
+
+    def admission_waited(self, reason: str) -> None:
         pass
 
 
@@ -118,6 +132,10 @@ class _Record:
     expires_at: float | None = None  # clock time; None while busy or kept forever
     settled: asyncio.Future | None = None  # resolves when a load or unload ends
     load_task: asyncio.Task | None = None
+    load_admitted: bool = False  # a LOADING model whose turn has come: its weights count
+    unload_requested: bool = False  # a manual unload waits for the last request to end
+    layout: KvLayout | None = None  # what a token of KV costs; None: config.json does not say
+    kv_reserved: int = 0  # the KV its running requests reserved
 
     @property
     def name(self) -> str:
@@ -125,11 +143,23 @@ class _Record:
 
     @property
     def resident(self) -> bool:
-        return self.state in (ModelState.LOADING, ModelState.READY, ModelState.UNLOADING)
+        """Its memory is (being) taken: a load counts once it is admitted, not while it waits its turn."""
+        if self.state is ModelState.LOADING:
+            return self.load_admitted
+        return self.state in (ModelState.READY, ModelState.UNLOADING)
 
     @property
     def protected(self) -> bool:
-        return self.state is not ModelState.READY or self.leases > 0 or self.admitted > 0
+        # `queued`: at the hand-off from a finished request to a queued one neither holds a lease.
+        return self.state is not ModelState.READY or self.leases > 0 or self.admitted > 0 or self.queued > 0
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """One request's claim: when it must give up, and the KV it reserved."""
+
+    deadline: float
+    kv: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +171,7 @@ class Lease:
     tokenizer: Any
     context_length: int
     load_seconds: float
+    ticket: _Ticket = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +188,7 @@ class ModelSnapshot:
     last_used: float | None  # wall-clock seconds
     context_length: int
     details: dict[str, Any]
+    memory: ModelMemory  # its line in the ledger
 
 
 def pick_victim(records: list[_Record], exclude: _Record | None = None) -> _Record | None:
@@ -175,13 +207,17 @@ class Manager:
         device_limit: Callable[[], int | None] = lambda: None,
         observer: Observer | None = None,
         cache_bytes: Callable[[str], int] = lambda name: 0,
+        kv_bytes: Callable[[str], int] = lambda name: 0,
+        mlx_memory: Callable[[], MlxMemory] = MlxMemory,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ):
         self.config = config
         self._backend = backend
         self._observer = observer or _NoObserver()
-        self._cache_bytes = cache_bytes
+        self._cache_bytes = cache_bytes  # each model's prompt cache, as the engine measured it
+        self._kv_bytes = kv_bytes  # each model's live KV caches, as the engine measured them
+        self._mlx_memory = mlx_memory
         self._clock = clock
         self._wall = wall
         self._records = {
@@ -192,6 +228,8 @@ class Manager:
         self.budget = int(memory.budget_gb * GiB) if memory.budget_gb is not None else max(0, total_memory - int(memory.reserve_gb * GiB))
         self._device_limit = device_limit  # Metal's recommended working set; None elsewhere
         self._changed = asyncio.Event()
+        self._load_turn = asyncio.Lock()  # one load at a time: admission, then reading weights
+        self._loading: _Record | None = None  # whose turn it is
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -203,12 +241,27 @@ class Manager:
             raise ModelNotFound(name)
         return model
 
-    def _memory_of(self, record: _Record) -> int:
-        """Weights plus the model's prompt cache: both go when it is unloaded."""
-        return record.size + (self._cache_bytes(record.name) if record.state is ModelState.READY else 0)
+    def _line(self, record: _Record) -> ModelMemory:
+        """`record`'s line in the ledger: what goes when it is unloaded, or what its load takes."""
+        if record.state is ModelState.LOADING:
+            return ModelMemory(record.name, loading=record.size if record.load_admitted else 0)
+        if record.state is ModelState.READY:
+            return ModelMemory(
+                record.name,
+                weights=record.size,
+                prompt_cache=self._cache_bytes(record.name),
+                kv_reserved=record.kv_reserved,
+                kv_measured=self._kv_bytes(record.name),
+            )
+        if record.state is ModelState.UNLOADING:
+            return ModelMemory(record.name, weights=record.size)
+        return ModelMemory(record.name)
 
-    def resident_bytes(self) -> int:
-        return sum(self._memory_of(r) for r in self._records.values() if r.resident)
+    def _memory_of(self, record: _Record) -> int:
+        return self._line(record).total
+
+    def ledger(self) -> Ledger:
+        return Ledger(tuple(self._line(r) for r in self._records.values()), self._ceiling(), self._mlx_memory())
 
     def queue_depth(self) -> int:
         return sum(r.queued + r.admitted for r in self._records.values())
@@ -229,6 +282,7 @@ class Manager:
                 last_used=wall + (r.last_used - now) if r.last_used else None,
                 context_length=r.context_length,
                 details=r.details,
+                memory=self._line(r),
             )
             for r in self._records.values()
         ]
@@ -242,6 +296,7 @@ class Manager:
         if self._closing:
             raise ShuttingDown()
         deadline = self._clock() + self.config.server.queue_timeout
+        ticket = _Ticket(deadline)
         await self._take_slot(record, deadline)
         record.admitted += 1
         started = self._clock()
@@ -258,8 +313,9 @@ class Manager:
         # Ollama semantics: the latest request decides; without one, the model's own setting.
         record.keep_alive = self.config.keep_alive_of(record.config) if keep_alive is None else keep_alive
         try:
-            yield Lease(record.name, record.config, record.tokenizer, record.context_length, self._clock() - started)
+            yield Lease(record.name, record.config, record.tokenizer, record.context_length, self._clock() - started, ticket)
         finally:
+            record.kv_reserved -= ticket.kv
             record.leases -= 1
             record.last_used = self._clock()
             record.slots.release()
@@ -304,10 +360,59 @@ class Manager:
             if record.state is ModelState.FAILED:
                 raise LoadFailed(record.name, record.error or "unknown error", retry_after=RETRY_FAILED_AFTER)
 
+    async def reserve(self, lease: Lease, prompt_tokens: int, max_tokens: int, *, flexible: bool) -> int:
+        """Reserve the KV cache a request will fill before it runs; returns the tokens it may generate.
+
+        The reservation covers the prompt plus `max_tokens`, and ends with the lease.
+        Idle models are evicted to make room (LRU); otherwise the request waits for
+        busy ones until its `queue_timeout`, then gets a 503. A request that could never
+        fit, even with every other unpinned model gone, is a 400 at once, unless it is
+        `flexible` (its `max_tokens` is only what the context has left, no num_predict
+        was given): then it is lowered to what can fit, and the sequence stops there
+        with done_reason "length". A sequence never outgrows its reservation.
+        """
+        record = self._records[lease.name]
+        layout = record.layout
+        if layout is None or max_tokens <= 0:
+            return max_tokens
+        need = layout.bytes_for(prompt_tokens + max_tokens)
+        room = self._ceiling() - self._fixed_bytes(record)
+        if need > room:
+            fits = layout.tokens_within(room) - prompt_tokens
+            if not flexible or fits <= 0:
+                raise BadRequest(
+                    f"this request can never fit in memory: its KV cache ({prompt_tokens} prompt + {max_tokens} "
+                    f"generated tokens) needs {need / GiB:.3f} GiB, and {room / GiB:.3f} GiB of the "
+                    f"{self._ceiling() / GiB:.3f} GiB memory budget is left beside the weights of '{record.name}' and "
+                    f"of the pinned models; send a shorter prompt or a smaller num_predict / max_tokens",
+                    param="num_predict",
+                )
+            log.info(
+                "'%s': a request without num_predict may generate %d tokens, not %d: that is what %.3f GiB of KV "
+                "cache left in the budget holds (it stops with done_reason length)",
+                record.name, fits, max_tokens, room / GiB,
+            )
+            max_tokens = fits
+            need = layout.bytes_for(prompt_tokens + max_tokens)
+        await self._make_room(need, record, lease.ticket.deadline, f"the KV cache of a {prompt_tokens + max_tokens}-token request to '{record.name}'")
+        record.kv_reserved += need
+        lease.ticket.kv += need
+        return max_tokens
+
+    def _fixed_bytes(self, record: _Record) -> int:
+        """What nothing can free while `record` serves: its own weights and pinned models' weights.
+        (Prompt caches are not counted here: they shrink, so a request they hold back waits.)"""
+        pinned = sum(r.size for r in self._records.values() if r.config.pinned and r.resident and r is not record)
+        return record.size + pinned
+
     def _went_idle(self, record: _Record) -> None:
         """A lease or a wait ended: arm keep_alive once nothing uses the model."""
         self._notify()
         if record.leases or record.admitted or record.state is not ModelState.READY:
+            return
+        if record.unload_requested:
+            if not record.protected:
+                self._spawn(self._evict(record, "manual"))
             return
         if record.config.pinned or record.keep_alive == FOREVER:
             record.expires_at = None
@@ -328,12 +433,21 @@ class Manager:
         try:
             prepared = await self._backend.prepare(record.config)
             record.size = prepared.size
-            await self._admit(record, deadline)
-            loaded = await self._backend.load(record.config, prepared)
+            record.layout = kv_layout(prepared.info)
+            if record.layout is None:
+                log.warning("'%s': config.json gives no KV layout (layers, KV heads, head dim): its KV is not reserved", record.name)
+            await self._take_load_turn(record, deadline)
+            try:
+                await self._admit(record, deadline)
+                record.load_admitted = True
+                loaded = await self._backend.load(record.config, prepared)
+            finally:
+                self._loading = None
+                self._load_turn.release()
         except asyncio.CancelledError:
             self._fail(record, "loading was cancelled (shutting down)")
             raise
-        except InsufficientMemory as e:  # others are busy: not the model's fault, try again later
+        except (InsufficientMemory, QueueFull) as e:  # others are busy: not the model's fault, try again later
             self._transition(record, ModelState.UNLOADED)
             self._settle(record, e)
             self._notify()
@@ -376,41 +490,95 @@ class Manager:
         self._settle(record)
         self._notify()
 
+    async def _take_load_turn(self, record: _Record, deadline: float) -> None:
+        """Wait for the load under way (if any) to end: loads are admitted one at a time."""
+        if self._load_turn.locked():
+            self._observer.admission_waited("load")
+            ahead = self._loading
+            try:
+                await asyncio.wait_for(self._load_turn.acquire(), max(0.0, deadline - self._clock()))
+            except TimeoutError:
+                raise QueueFull(
+                    f"timed out waiting to load '{record.name}': '{ahead.name if ahead else 'another model'}' is loading",
+                    retry_after=5.0,
+                ) from None
+        else:
+            await self._load_turn.acquire()
+        self._loading = record
+
     def _fits(self, record: _Record) -> bool:
         others = [r for r in self._records.values() if r.resident and r is not record]
         used = sum(self._memory_of(r) for r in others) + record.size
         limit = self.config.memory.max_loaded_models
         return used <= self._ceiling() and (limit == 0 or len(others) < limit)
 
+    def _used(self) -> int:
+        """Everything the ledger holds: what the next load or reservation must fit beside."""
+        return sum(self._memory_of(r) for r in self._records.values())
+
     def _ceiling(self) -> int:
         device = self._device_limit()
         return self.budget if device is None else min(self.budget, device)
 
     async def _admit(self, record: _Record, deadline: float) -> None:
-        """Make room for `record`: unload idle models (LRU), or wait for busy ones."""
+        """Make room for `record`'s weights: unload idle models (LRU), or wait for busy ones."""
         ceiling = self._ceiling()
         if record.size > ceiling:
             raise MlxServerError(f"it needs {record.size / GiB:.2f} GiB but the memory budget is {ceiling / GiB:.2f} GiB")
-        while not self._fits(record):
+
+        def refusal() -> InsufficientMemory:
+            return InsufficientMemory(
+                f"not enough memory to load '{record.name}' ({record.size / GiB:.2f} GiB of "
+                f"{self.budget / GiB:.2f} GiB budget): held by {self._holders(record)}",
+                retry_after=10.0,
+            )
+
+        await self._wait_for_room(lambda: self._fits(record), record, deadline, refusal)
+
+    async def _make_room(self, need: int, record: _Record, deadline: float, what: str) -> None:
+        """Return once `need` more bytes fit under the ceiling beside everything held now."""
+
+        def refusal() -> InsufficientMemory:
+            return InsufficientMemory(
+                f"not enough memory for {what} ({need / GiB:.3f} GiB; {self._used() / GiB:.3f} of "
+                f"{self._ceiling() / GiB:.3f} GiB budget in use, held by {self._holders(None)}); "
+                f"timed out waiting for running requests to finish",
+                retry_after=5.0,
+            )
+
+        await self._wait_for_room(lambda: self._used() + need <= self._ceiling(), record, deadline, refusal)
+
+    async def _wait_for_room(
+        self, fits: Callable[[], bool], record: _Record, deadline: float, refusal: Callable[[], InsufficientMemory]
+    ) -> None:
+        """Until `fits()`: unload idle models (LRU, never `record`), else wait for busy ones
+        to finish until `deadline`, then raise `refusal()`."""
+        waited = False
+        while not fits():
             victim = pick_victim(list(self._records.values()), exclude=record)
             if victim is not None:
                 await self._unload(victim, "lru")
                 continue
+            if not waited:
+                self._observer.admission_waited("memory")
+                waited = True
             remaining = deadline - self._clock()
             if remaining <= 0:
-                holders = ", ".join(
-                    f"'{r.name}' ({self._memory_of(r) / GiB:.2f} GiB, {r.leases} active{', pinned' if r.config.pinned else ''})"
-                    for r in self._records.values()
-                    if r.resident and r is not record
-                )
-                raise InsufficientMemory(
-                    f"not enough memory to load '{record.name}' ({record.size / GiB:.2f} GiB of "
-                    f"{self.budget / GiB:.2f} GiB budget): held by {holders or 'nothing'}",
-                    retry_after=10.0,
-                )
+                raise refusal()
             self._changed.clear()
+            # Woken by any lease, load or unload; and every sweep interval, because what the
+            # engine measures (prompt caches, live KV) changes without telling the manager.
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                await asyncio.wait_for(self._changed.wait(), min(remaining, SWEEP_INTERVAL))
+
+    def _holders(self, exclude: _Record | None) -> str:
+        """Who holds the memory, for a 503 that says why."""
+        held = [
+            f"'{r.name}' ({self._memory_of(r) / GiB:.3f} GiB, {r.leases} active{', pinned' if r.config.pinned else ''})"
+            for r in self._records.values()
+            if r.resident and r is not exclude
+        ]
+        return ", ".join(held) or "nothing"
 
     # -- unloading --------------------------------------------------------------
 
@@ -439,14 +607,15 @@ class Manager:
         log.info("unloaded '%s' (reason=%s, %.1f MB weights, %.1f MB freed)", record.name, reason, size / 1e6, freed / 1e6)
 
     async def unload(self, name: str) -> str:
-        """Unload on request: now when idle, else as soon as its last request ends."""
+        """Unload on request: now when idle, else as soon as its last request ends (a load
+        under way finishes first, so the requests waiting for it are served)."""
         record = self._records[self.resolve(name).name]
-        record.keep_alive = 0.0
         if record.state is ModelState.READY and not record.protected:
             await self._unload(record, "manual")
             return "unloaded"
         if record.state in (ModelState.UNLOADED, ModelState.FAILED):
             return "not loaded"
+        record.unload_requested = True
         return "scheduled"
 
     async def evict_idle(self, reason: str, *, enough: Callable[[], bool]) -> list[str]:
@@ -474,15 +643,20 @@ class Manager:
     # -- lifecycle --------------------------------------------------------------
 
     async def run(self) -> None:
-        """Preload the `preload: true` models, then expire idle ones; runs until cancelled."""
-        for model in self.config.models:
-            if model.preload and not self._closing:
-                with suppress(Exception):
-                    async with self.lease(model.name):
-                        pass
+        """Preload the `preload: true` models and, meanwhile, expire idle ones; runs until cancelled."""
+        self._spawn(self._preload())
         while True:
             self.sweep()
             await asyncio.sleep(SWEEP_INTERVAL)
+
+    async def _preload(self) -> None:
+        for model in self.config.models:
+            if model.preload and not self._closing:
+                try:
+                    async with self.lease(model.name):
+                        pass
+                except Exception as e:  # the daemon serves on; the model's state says why
+                    log.error("could not preload '%s': %s", model.name, e.message if isinstance(e, MlxServerError) else repr(e))
 
     async def close(self) -> None:
         """Stop loading: a request waiting for a load gets a 503 instead of holding the exit."""
@@ -516,6 +690,10 @@ class Manager:
         record.state = state
         if state is ModelState.LOADING:
             record.error = None
+        else:
+            record.load_admitted = False
+        if state in (ModelState.UNLOADED, ModelState.FAILED):
+            record.unload_requested = False
 
     def _settle(self, record: _Record, error: Exception | None = None) -> None:
         """Wake the requests waiting on a load or unload; `error` is raised to each."""

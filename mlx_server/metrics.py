@@ -24,6 +24,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+ADMISSION_WAIT_REASONS = ("memory", "load")  # the manager's reasons, each a series from the start
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class LiveModel:
     loaded: bool
     memory_bytes: int
     active_requests: int
+    kv_bytes: int = 0  # KV caches of its running requests (reserved, or measured when larger)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class LiveReading:
     mlx_active_bytes: int = 0
     mlx_cache_bytes: int = 0
     group_ranks_up: dict[str, int] = field(default_factory=dict)  # distributed models only
+    reserved_bytes: int = 0  # KV reservations and loads under way
 
 
 class _LiveCollector(Collector):
@@ -53,13 +56,17 @@ class _LiveCollector(Collector):
         loaded = GaugeMetricFamily(f"{PREFIX}_model_loaded", "1 if the model is resident (ready)", labels=["model"])
         memory = GaugeMetricFamily(f"{PREFIX}_model_memory_bytes", "Bytes the model holds: weights and prompt cache", labels=["model"])
         active = GaugeMetricFamily(f"{PREFIX}_active_requests", "Requests holding a lease on the model", labels=["model"])
+        kv = GaugeMetricFamily(f"{PREFIX}_kv_cache_bytes", "KV cache of the model's running requests: reserved, or measured when larger", labels=["model"])
         for m in reading.models:
             loaded.add_metric([m.name], 1.0 if m.loaded else 0.0)
             memory.add_metric([m.name], float(m.memory_bytes))
             active.add_metric([m.name], float(m.active_requests))
+            kv.add_metric([m.name], float(m.kv_bytes))
         yield loaded
         yield memory
         yield active
+        yield kv
+        yield GaugeMetricFamily(f"{PREFIX}_memory_reserved_bytes", "Memory promised before use: KV reservations and loads under way", value=reading.reserved_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for a slot or a model", value=reading.queue_depth)
         yield GaugeMetricFamily(f"{PREFIX}_system_memory_available_bytes", "Host memory available (psutil)", value=reading.system_available_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_mlx_active_memory_bytes", "Memory MLX has allocated", value=reading.mlx_active_bytes)
@@ -87,6 +94,11 @@ class Metrics:
         self.loads = Counter(f"{PREFIX}_model_loads_total", "Model loads by result", ["model", "result"], registry=r)
         self.load_duration = Histogram(f"{PREFIX}_model_load_duration_seconds", "Model load time", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.evictions = Counter(f"{PREFIX}_model_evictions_total", "Model unloads by reason", ["model", "reason"], registry=r)
+        self.admission_waits = Counter(
+            f"{PREFIX}_admission_waits_total", "Requests that had to wait: for memory, or for another model's load", ["reason"], registry=r
+        )
+        for reason in ADMISSION_WAIT_REASONS:
+            self.admission_waits.labels(reason)
         for name in self._models.values():
             self.prompt_tokens.labels(name)
             self.generated_tokens.labels(name)
@@ -124,6 +136,9 @@ class Metrics:
 
     def model_evicted(self, name: str, reason: str) -> None:
         self.evictions.labels(self.model_label(name), reason).inc()
+
+    def admission_waited(self, reason: str) -> None:
+        self.admission_waits.labels(reason).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

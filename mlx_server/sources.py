@@ -16,6 +16,9 @@ from typing import Any
 from .config import ModelConfig
 from .errors import MlxServerError
 
+# The files mlx_lm.load reads weights from (mlx_lm.utils.load_model); other
+# *.safetensors in a repo (adapters, a vision tower for another runtime) are not loaded.
+WEIGHTS_PATTERN = "model*.safetensors"
 # What mlx_lm.load needs of a repo; the same patterns mlx_lm downloads.
 ALLOW_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
 
@@ -30,7 +33,7 @@ class SourceError(MlxServerError):
 @dataclass(frozen=True, slots=True)
 class LocalModel:
     path: Path
-    weights_bytes: int  # the safetensors on disk: what loading will take, before it happens
+    weights_bytes: int  # the weight files mlx_lm loads, on disk: what loading will take, before it happens
     config: dict[str, Any]
 
 
@@ -53,9 +56,9 @@ def locate(model: ModelConfig) -> LocalModel:
         raise SourceError(f"config.json in {path} is unreadable: {e}") from None
     if not isinstance(config, dict):
         raise SourceError(f"config.json in {path} is not a JSON object")
-    weights = sorted(path.glob("*.safetensors"))
+    weights = sorted(path.glob(WEIGHTS_PATTERN))
     if not weights:
-        raise SourceError(f"no *.safetensors weights in {path}")
+        raise SourceError(f"no {WEIGHTS_PATTERN} weights in {path}")
     return LocalModel(path, sum(f.stat().st_size for f in weights), config)
 
 

@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 
 from mlx_server.config import parse_config
-from mlx_server.errors import InsufficientMemory, LoadFailed, QueueFull
+from mlx_server.errors import BadRequest, InsufficientMemory, LoadFailed, QueueFull
 from mlx_server.manager import GiB, Loaded, Manager, ModelState, Prepared, pick_victim
-from mlx_server.reaper import HostMemory, Reaper
+from mlx_server.reaper import (
+    DarwinPressure,
+    HostMemory,
+    PressureLevel,
+    PsutilPressure,
+    Reaper,
+)
 
 
 class Clock:
@@ -32,6 +38,7 @@ class FakeBackend:
 
     def __init__(self, sizes: dict[str, int] | None = None):
         self.sizes = sizes or {}
+        self.configs: dict[str, dict] = {}  # config.json per model: its KV layout
         self.manager: Manager | None = None
         self.loaded: set[str] = set()
         self.loads: Counter[str] = Counter()
@@ -44,7 +51,8 @@ class FakeBackend:
         return self.sizes.get(name.split(":")[0], GiB)
 
     async def prepare(self, model):
-        return Prepared(Path("/nonexistent"), self.size(model.name))
+        await asyncio.sleep(0)  # the real one reads files in a worker thread
+        return Prepared(Path("/nonexistent"), self.size(model.name), self.configs.get(model.name.split(":")[0], {}))
 
     async def load(self, model, prepared):
         self.loads[model.name] += 1
@@ -73,6 +81,7 @@ def make(models: list[dict], *, budget_gb: float = 8, clock: Clock | None = None
     config = parse_config({"models": [{"source": "org/repo", **m} for m in models], "memory": memory, **sections})
     backend = FakeBackend(sizes)
     evictions: list[tuple[str, str]] = []
+    waits: Counter[str] = Counter()
 
     class Observer:
         def model_loaded(self, name, result, seconds):
@@ -81,9 +90,13 @@ def make(models: list[dict], *, budget_gb: float = 8, clock: Clock | None = None
         def model_evicted(self, name, reason):
             evictions.append((name.split(":")[0], reason))
 
+        def admission_waited(self, reason):
+            waits[reason] += 1
+
     manager = Manager(config, backend, total_memory=64 * GiB, observer=Observer(), clock=clock or Clock())
     backend.manager = manager
     manager.evictions = evictions
+    manager.waits = waits
     return manager, backend
 
 
@@ -360,7 +373,7 @@ async def test_reaper_unloads_idle_models_until_below_low_water():
     for name in ("idle1", "idle2", "pinned"):
         await use(manager, name)
         clock.advance(1)
-    reaper = Reaper(manager, manager.config.memory, probe)
+    reaper = Reaper(manager, manager.config.memory, PsutilPressure(manager.config.memory, probe))
     task, release = await hold(manager, "busy")
     assert await reaper.check() == []  # 50 + 40 = 90% used: not above high water
     assert not reaper.pressure
@@ -385,5 +398,326 @@ async def test_reaper_treats_available_below_reserve_as_pressure():
     def probe() -> HostMemory:
         return HostMemory(1000 * GiB, memory["available"] + (0 if backend.loaded else 600 * GiB))
 
-    reaper = Reaper(manager, manager.config.memory, probe)
+    reaper = Reaper(manager, manager.config.memory, PsutilPressure(manager.config.memory, probe))
     assert await reaper.check() == ["a:latest"]
+
+
+# -- issue 15: residency faults ------------------------------------------------------
+
+
+async def test_two_cold_loads_under_a_budget_for_one_are_both_served_one_after_the_other():
+    manager, backend = make([{"name": "a"}, {"name": "b"}], budget_gb=1.5, clock=time.monotonic, server={"queue_timeout": 5})
+    await use(manager, "a")
+    await use(manager, "b")  # both sizes are known now, as after any earlier load
+    await manager.unload("b")
+    backend.gates["a:latest"] = asyncio.Event()
+    both = asyncio.gather(use(manager, "a"), use(manager, "b"))
+    await settle()
+    assert state(manager, "a") is ModelState.LOADING
+    backend.gates["a:latest"].set()
+    await asyncio.wait_for(both, 2)  # before the fix: each waited for the other until queue_timeout
+    assert backend.unloads[-1] == "a:latest" and manager.evictions[-1] == ("a", "lru")
+    assert state(manager, "b") is ModelState.READY and not backend.violations
+    assert manager.waits["load"] == 1
+
+
+async def test_a_request_for_a_loading_model_waits_for_that_load_only():
+    manager, backend = make([{"name": "a"}, {"name": "b"}, {"name": "c"}], budget_gb=8)
+    backend.gates["a:latest"] = asyncio.Event()
+    loading_a = asyncio.create_task(use(manager, "a"))
+    await settle()
+    waiting_b = asyncio.create_task(use(manager, "b"))  # behind a's load
+    await settle()
+    second_a = asyncio.create_task(use(manager, "a"))
+    await settle()
+    assert not second_a.done() and state(manager, "b") is ModelState.LOADING
+    backend.gates["a:latest"].set()
+    await asyncio.wait_for(asyncio.gather(loading_a, waiting_b, second_a), 2)
+    assert backend.loads == Counter({"a:latest": 1, "b:latest": 1})
+
+
+async def test_waiting_behind_another_load_times_out_with_a_503_naming_it():
+    manager, backend = make([{"name": "a"}, {"name": "b"}], clock=time.monotonic, server={"queue_timeout": 0.2})
+    backend.gates["a:latest"] = asyncio.Event()
+    loading_a = asyncio.create_task(use(manager, "a"))
+    await settle()
+    with pytest.raises(QueueFull, match="'a:latest' is loading") as e:
+        await use(manager, "b")
+    assert e.value.status == 503 and e.value.retry_after
+    assert state(manager, "b") is ModelState.UNLOADED
+    backend.gates["a:latest"].set()
+    await loading_a
+
+
+async def test_manual_unload_of_a_loading_model_is_not_undone_by_the_waiting_request():
+    manager, backend = make([{"name": "a", "keep_alive": -1}])
+    backend.gates["a:latest"] = asyncio.Event()
+    waiting = asyncio.create_task(use(manager, "a"))
+    await settle()
+    assert state(manager, "a") is ModelState.LOADING
+    assert await manager.unload("a") == "scheduled"
+    backend.gates["a:latest"].set()
+    await waiting  # it is served, then the model goes
+    await settle()
+    assert state(manager, "a") is ModelState.UNLOADED
+    assert manager.evictions == [("a", "manual")]
+
+
+async def test_manual_unload_of_a_busy_model_survives_a_later_request():
+    manager, backend = make([{"name": "a", "keep_alive": -1}])
+    task, release = await hold(manager, "a")
+    assert await manager.unload("a") == "scheduled"
+    await use(manager, "a", keep_alive=-1.0)  # a later request may not cancel the unload
+    assert state(manager, "a") is ModelState.READY
+    release.set()
+    await task
+    await settle()
+    assert state(manager, "a") is ModelState.UNLOADED and manager.evictions == [("a", "manual")]
+
+
+async def test_the_reaper_cannot_evict_at_the_hand_off_to_a_queued_request():
+    manager, backend = make([{"name": "a", "max_concurrency": 1}])
+    release = asyncio.Event()
+    evicted: list[str] = []
+
+    async def holder():
+        async with manager.lease("a"):
+            await release.wait()
+        # The lease is gone, the queued request has not run yet: the hand-off.
+        evicted.extend(await manager.evict_idle("pressure", enough=lambda: False))
+
+    running = asyncio.create_task(holder())
+    await settle()
+    queued = asyncio.create_task(use(manager, "a"))
+    await settle()
+    release.set()
+    await asyncio.gather(running, queued)
+    assert evicted == [] and backend.loads["a:latest"] == 1 and not backend.violations
+
+
+async def test_keep_alive_expires_while_a_preload_is_still_loading():
+    clock = Clock()
+    manager, backend = make([{"name": "b", "keep_alive": 5}, {"name": "slow", "preload": True}], clock=clock)
+    await use(manager, "b")
+    clock.advance(10)
+    backend.gates["slow:latest"] = asyncio.Event()
+    runner = asyncio.create_task(manager.run())
+    try:
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if state(manager, "b") is ModelState.UNLOADED:
+                break
+        assert state(manager, "slow") is ModelState.LOADING
+        assert state(manager, "b") is ModelState.UNLOADED and manager.evictions == [("b", "keep_alive")]
+        backend.gates["slow:latest"].set()
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if state(manager, "slow") is ModelState.READY:
+                break
+        assert state(manager, "slow") is ModelState.READY
+    finally:
+        runner.cancel()
+        await manager.close()
+
+
+# -- issue 16: KV reserved before a request runs ----------------------------------------
+
+MiB = 1 << 20
+# 4 layers x 2 KV heads x head dim 64 x 2 x 4 bytes = 4 KiB a token: 1 MiB per 256-token step
+LAYOUT = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "torch_dtype": "float32"}
+
+
+def make_kv(models: list[dict], *, budget_mb: float, **kwargs):
+    manager, backend = make(models, budget_gb=budget_mb / 1024, sizes={m["name"]: 4 * MiB for m in models}, **kwargs)
+    backend.configs = {m["name"]: LAYOUT for m in models}
+    return manager, backend
+
+
+async def hold_kv(manager: Manager, name: str, prompt: int, max_tokens: int, *, flexible: bool = False):
+    """A request that reserves its KV and runs until released; returns (task, release, its token budget)."""
+    release = asyncio.Event()
+    granted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def request():
+        async with manager.lease(name) as lease:
+            granted.set_result(await manager.reserve(lease, prompt, max_tokens, flexible=flexible))
+            await release.wait()
+
+    task = asyncio.create_task(request())
+    await settle()
+    return task, release, granted
+
+
+def line(manager: Manager, name: str):
+    return next(m for m in manager.ledger().models if m.name == f"{name}:latest")
+
+
+async def test_a_reservation_counts_in_the_ledger_until_the_request_ends():
+    manager, backend = make_kv([{"name": "a"}], budget_mb=16)
+    task, release, granted = await hold_kv(manager, "a", 100, 412)
+    assert granted.result() == 412
+    assert line(manager, "a").kv_reserved == 2 * MiB  # 512 tokens x 4 KiB
+    assert manager.ledger().used == 6 * MiB and manager.ledger().reserved == 2 * MiB
+    snap = next(s for s in manager.snapshot() if s.name == "a:latest")
+    assert snap.memory.kv == 2 * MiB and snap.size == 6 * MiB
+    release.set()
+    await task
+    assert line(manager, "a").kv_reserved == 0 and manager.ledger().used == 4 * MiB
+
+
+async def test_a_request_that_does_not_fit_waits_and_runs_when_another_finishes():
+    manager, backend = make_kv([{"name": "a", "max_concurrency": 8}], budget_mb=9, clock=time.monotonic, server={"queue_timeout": 5})
+    first, release_first, _ = await hold_kv(manager, "a", 100, 412)
+    second, release_second, _ = await hold_kv(manager, "a", 100, 412)
+    third, release_third, granted = await hold_kv(manager, "a", 100, 412)  # 4 + 3 x 2 MiB > 9
+    await asyncio.sleep(0.05)
+    assert not granted.done() and manager.waits["memory"] == 1
+    release_first.set()
+    assert await asyncio.wait_for(granted, 1) == 412
+    release_second.set()
+    release_third.set()
+    await asyncio.gather(first, second, third)
+    assert manager.ledger().reserved == 0
+
+
+async def test_waiting_for_memory_times_out_with_a_503_that_says_why():
+    manager, backend = make_kv([{"name": "a"}], budget_mb=7, clock=time.monotonic, server={"queue_timeout": 0.2})
+    task, release, _ = await hold_kv(manager, "a", 100, 412)
+    with pytest.raises(InsufficientMemory) as e:
+        async with manager.lease("a") as lease:
+            await manager.reserve(lease, 100, 412, flexible=False)
+    assert e.value.status == 503 and e.value.retry_after >= 1
+    assert "KV cache of a 512-token request to 'a:latest'" in e.value.message and "timed out" in e.value.message
+    release.set()
+    await task
+
+
+async def test_a_request_that_could_never_fit_is_a_400_at_once():
+    manager, backend = make_kv([{"name": "a"}], budget_mb=8, clock=time.monotonic, server={"queue_timeout": 30})
+    async with manager.lease("a") as lease:
+        with pytest.raises(BadRequest, match="can never fit in memory") as e:
+            await asyncio.wait_for(manager.reserve(lease, 100, 5000, flexible=False), 0.5)
+    assert e.value.status == 400
+
+
+async def test_without_num_predict_the_reservation_is_cut_to_what_can_ever_fit():
+    manager, backend = make_kv([{"name": "a"}], budget_mb=8)
+    async with manager.lease("a") as lease:
+        allowed = await manager.reserve(lease, 100, 5000, flexible=True)
+        assert allowed == 1024 - 100  # 4 MiB left beside the weights: 1024 tokens of KV
+        assert line(manager, "a").kv_reserved == 4 * MiB
+    async with manager.lease("a") as lease:
+        with pytest.raises(BadRequest):  # not even the prompt fits
+            await manager.reserve(lease, 2000, 100, flexible=True)
+
+
+async def test_an_idle_model_is_evicted_for_a_busy_ones_kv_never_the_busy_one():
+    clock = Clock()
+    manager, backend = make_kv([{"name": "a"}, {"name": "b", "max_concurrency": 4}], budget_mb=10, clock=clock)
+    await use(manager, "a")
+    clock.advance(1)
+    first, release_first, granted = await hold_kv(manager, "b", 100, 412)  # 4 + 4 + 2 = 10: fits
+    assert granted.result() == 412 and state(manager, "a") is ModelState.READY
+    second, release_second, granted = await hold_kv(manager, "b", 100, 412)  # 12: a must go
+    assert granted.result() == 412
+    assert backend.unloads == ["a:latest"] and manager.evictions == [("a", "lru")]
+    release_first.set()
+    release_second.set()
+    await asyncio.gather(first, second)
+    assert not backend.violations
+
+
+async def test_a_load_waits_for_another_models_reserved_kv():
+    manager, backend = make_kv([{"name": "a"}, {"name": "b"}], budget_mb=10, clock=time.monotonic, server={"queue_timeout": 5})
+    holder, release, _ = await hold_kv(manager, "a", 100, 1436)  # 4 + 6 MiB: the budget is full
+    loading_b = asyncio.create_task(use(manager, "b"))
+    await asyncio.sleep(0.05)
+    assert state(manager, "b") is ModelState.LOADING and not backend.loads["b:latest"]
+    release.set()
+    await asyncio.wait_for(asyncio.gather(holder, loading_b), 2)
+    assert backend.unloads == [] and manager.ledger().used == 8 * MiB  # both fit once a's KV is gone
+
+
+# -- the reaper on macOS: the kernel's pressure level ---------------------------------------
+
+
+class FakeKernel:
+    """Speaks `sysctl kern.memorystatus_vm_pressure_level` as documented: 1, 2 or 4."""
+
+    def __init__(self):
+        self.level = 1
+        self.asked: list[str] = []
+
+    def sysctl(self, name: str) -> int:
+        self.asked.append(name)
+        return self.level
+
+
+async def test_reaper_on_macos_unloads_one_idle_model_per_pass_on_warning_and_all_on_critical():
+    clock = Clock()
+    manager, backend = make([{"name": n} for n in ("a", "b", "c", "d")] + [{"name": "pinned", "pinned": True}], clock=clock)
+    for name in ("a", "b", "c", "d", "pinned"):
+        await use(manager, name)
+        clock.advance(1)
+    busy, release = await hold(manager, "d")
+    kernel = FakeKernel()
+    signal = DarwinPressure(lambda: HostMemory(64 * GiB, 8 * GiB), sysctl=kernel.sysctl, footprint=lambda: 5 * GiB)
+    reaper = Reaper(manager, manager.config.memory, signal)
+    assert await reaper.check() == [] and not reaper.pressure
+    assert kernel.asked[-1] == "kern.memorystatus_vm_pressure_level"
+    kernel.level = 2  # warning: the kernel revises slowly, so one model per pass
+    assert await reaper.check() == ["a:latest"]
+    assert reaper.pressure and reaper.last.level is PressureLevel.WARNING and reaper.last.footprint == 5 * GiB
+    assert await reaper.check() == ["b:latest"]
+    kernel.level = 4  # critical: every idle model
+    assert await reaper.check() == ["c:latest"]
+    assert backend.loaded == {"d:latest", "pinned:latest"}  # busy and pinned stay
+    kernel.level = 1
+    assert await reaper.check() == [] and not reaper.pressure
+    assert [reason for _, reason in manager.evictions] == ["pressure"] * 3
+    release.set()
+    await busy
+    assert not backend.violations
+
+
+async def test_reaper_on_macos_stops_once_the_kernel_says_normal():
+    manager, backend = make([{"name": "a"}, {"name": "b"}])
+    await use(manager, "a")
+    await use(manager, "b")
+    kernel = FakeKernel()
+    kernel.level = 4
+
+    def sysctl(name: str) -> int:
+        if backend.unloads:  # the first unload was enough
+            kernel.level = 1
+        return kernel.sysctl(name)
+
+    reaper = Reaper(manager, manager.config.memory, DarwinPressure(lambda: HostMemory(GiB, GiB // 2), sysctl=sysctl, footprint=lambda: None))
+    assert await reaper.check() == ["a:latest"]
+    assert backend.loaded == {"b:latest"}
+
+
+async def test_the_devices_recommended_working_set_caps_the_budget():
+    config = parse_config({"models": [{"name": "a", "source": "org/repo"}], "memory": {"budget_gb": 100}})
+    backend = FakeBackend({"a": 4 * MiB})
+    backend.configs = {"a": LAYOUT}
+    manager = Manager(config, backend, total_memory=128 * GiB, device_limit=lambda: 8 * MiB)
+    backend.manager = manager
+    assert manager.ledger().ceiling == 8 * MiB
+    async with manager.lease("a") as lease:
+        assert await manager.reserve(lease, 100, 5000, flexible=True) == 1024 - 100  # 4 MiB of KV beside 4 MiB of weights
+
+
+async def test_a_reservation_waiting_on_a_prompt_cache_runs_once_the_engine_reports_it_smaller():
+    config = parse_config({"models": [{"name": "a", "source": "org/repo"}], "memory": {"budget_gb": 10 / 1024}, "server": {"queue_timeout": 5}})
+    backend = FakeBackend({"a": 4 * MiB})
+    backend.configs = {"a": LAYOUT}
+    prompt_cache = {"bytes": 5 * MiB}
+    manager = Manager(config, backend, total_memory=64 * GiB, cache_bytes=lambda name: prompt_cache["bytes"])
+    backend.manager = manager
+    async with manager.lease("a") as lease:
+        waiting = asyncio.create_task(manager.reserve(lease, 100, 412, flexible=False))  # 4 + 5 + 2 > 10
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        prompt_cache["bytes"] = 1 * MiB  # the engine trimmed it; nobody told the manager
+        assert await asyncio.wait_for(waiting, 2) == 412

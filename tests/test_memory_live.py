@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -160,3 +161,30 @@ def test_a_memory_hog_makes_the_reaper_unload_idle_models_only(daemon, test_mode
     metrics = urllib.request.urlopen(d.url + "/metrics").read().decode()
     assert 'mlx_server_model_evictions_total{model="idle:latest",reason="pressure"} 1.0' in metrics
     assert 'model="pinned:latest",reason="pressure"' not in metrics
+
+
+def test_two_cold_loads_under_a_budget_for_one_are_both_served(daemon, big_models):
+    """Issue 15: each load used to wait for the other to make room until queue_timeout."""
+    d = daemon(
+        [{"name": "big0", "source": str(big_models[0])}, {"name": "big1", "source": str(big_models[1])}],
+        memory={"budget_gb": 0.15},  # one fits, two do not
+        server={"queue_timeout": 60},
+    )
+    results: dict[str, int] = {}
+
+    def ask(name: str) -> None:
+        results[name] = call(d.url, "/api/generate", {"model": name, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}, timeout=120)[0]
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in ("big0", "big1")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {"big0": 200, "big1": 200}
+    states = {m["name"]: m["state"] for m in health(d.url)["models"]}
+    assert sorted(states.values()) == ["ready", "unloaded"]  # the second loaded after the first was evicted
+    first = next(name for name, s in states.items() if s == "unloaded")
+    metrics = urllib.request.urlopen(d.url + "/metrics").read().decode()
+    assert f'mlx_server_model_evictions_total{{model="{first}",reason="lru"}} 1.0' in metrics
+    waits = {reason: float(re.search(rf'mlx_server_admission_waits_total{{reason="{reason}"}} (\S+)', metrics).group(1)) for reason in ("load", "memory")}
+    assert waits["load"] + waits["memory"] >= 1, waits  # the second waited for the first's load, then for its request

@@ -165,26 +165,27 @@ def test_log_level_warning_drops_the_info_lines(tmp_path, test_model):
 def test_ps_load_and_unload_against_a_live_daemon(daemon, test_model, second_model):
     d = daemon([{"name": "demo", "source": str(test_model)}, {"name": "other:1b", "source": str(second_model), "keep_alive": "10m"}])
     empty = cli("ps", "--url", d.url)
-    assert empty.returncode == 0 and empty.stdout.split() == ["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL", "ACTIVE"]
+    assert empty.returncode == 0 and empty.stdout.split() == ["NAME", "ID", "SIZE", "KV", "PROCESSOR", "UNTIL", "ACTIVE"]
 
     loaded = cli("load", "other:1b", "--url", d.url)
     assert loaded.returncode == 0 and re.fullmatch(r"loaded other:1b in \d+\.\ds\n", loaded.stdout)
     loaded = cli("load", "demo", "--keep-alive", "-1", "--url", d.url)
     assert loaded.returncode == 0, loaded.stderr
     table = cli("ps", "--url", d.url).stdout.splitlines()
-    assert table[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL", "ACTIVE"]
+    assert table[0].split() == ["NAME", "ID", "SIZE", "KV", "PROCESSOR", "UNTIL", "ACTIVE"]
     rows = {line.split()[0]: line for line in table[1:]}
     assert set(rows) == {"demo:latest", "other:1b"}
-    assert re.search(r"\d+\.\d MB\s+100% CPU\s+Forever\s+0$", rows["demo:latest"])
-    assert re.search(r"\d+\.\d MB\s+100% CPU\s+(9|10) minutes from now\s+0$", rows["other:1b"])
+    assert re.search(r"\d+\.\d MB\s+0 B\s+100% CPU\s+Forever\s+0$", rows["demo:latest"])
+    assert re.search(r"\d+\.\d MB\s+0 B\s+100% CPU\s+(9|10) minutes from now\s+0$", rows["other:1b"])
 
     every = cli("ps", "--all", "--url", d.url).stdout
-    assert re.search(r"demo:latest\s+ready\s+\d+\.\d MB\s+Forever\s+0\s+0", every)
+    assert re.search(r"demo:latest\s+ready\s+\d+\.\d MB\s+0 B\s+Forever\s+0\s+0", every)
+    assert re.search(r"memory: \d+\.\d MB of \d+\.\d [MGT]B \(KV 0 B, reserved 0 B\); MLX active .*; pressure normal \(psutil\)", every)
 
     unloaded = cli("unload", "demo", "--url", d.url)
     assert unloaded.returncode == 0 and unloaded.stdout == "unloaded demo\n"
     assert [line.split()[0] for line in cli("ps", "--url", d.url).stdout.splitlines()[1:]] == ["other:1b"]
-    assert re.search(r"demo:latest\s+unloaded\s+-\s+-\s+0\s+0", cli("ps", "--all", "--url", d.url).stdout)
+    assert re.search(r"demo:latest\s+unloaded\s+-\s+-\s+-\s+0\s+0", cli("ps", "--all", "--url", d.url).stdout)
 
 
 def test_client_commands_say_what_went_wrong(daemon, test_model):
@@ -334,7 +335,7 @@ def test_start_script_sets_everything_up_on_a_fresh_checkout(checkout, tmp_path)
     assert f"installing mlx-server into {root}/.venv" in progress
     assert f"creating the demo model in {root}/models/demo" in progress
     assert f"mlx-server is running at http://127.0.0.1:{port} (pid {own_pid(root)})" in out
-    assert re.search(r"demo:latest\s+ready\s+\d+\.\d MB\s+Forever", out)
+    assert re.search(r"demo:latest\s+ready\s+\d+\.\d MB\s+0 B\s+Forever", out)
     for hub_model in ("qwen2.5-coder:32b", "phi3.5:3.8b", "tinyllama:latest"):
         assert re.search(rf"{re.escape(hub_model)}\s+failed", out)
         assert re.search(rf"{re.escape(hub_model)}: '\S+' is not in the local Hugging Face cache", out)

@@ -283,6 +283,8 @@ async def completion(request: web.Request, spec: CompletionSpec) -> AsyncIterato
             raise BadRequest("the prompt is empty after templating")
         context = min(lease.context_length, spec.options.num_ctx or lease.context_length)
         max_tokens = token_budget(len(prompt), context, spec.options)
+        # Reserve the sequence's KV cache before it runs; without num_predict it may be cut to what fits.
+        max_tokens = await app[MANAGER].reserve(lease, len(prompt), max_tokens, flexible=spec.options.num_predict < 0)
         job = None
         if max_tokens > 0:
             processor = await asyncio.to_thread(spec.constrain, lease.tokenizer, max_tokens) if spec.constrain else None

@@ -45,6 +45,7 @@ from .common import (
     requested_model,
     rfc3339,
 )
+from .status import memory_json
 
 FOREVER_TIMESTAMP = 10_000_000_000.0  # 2286-11-20: how "never expires" reads in expires_at
 MAX_EMBED_INPUTS = 2048  # OpenAI's limit: one request must not hold the engine thread for minutes
@@ -436,6 +437,7 @@ def ps_entry(request: web.Request, snap: ModelSnapshot) -> dict[str, Any]:
         "active_requests": snap.active_requests,
         "pinned": snap.pinned,
         "last_used": rfc3339(snap.last_used) if snap.last_used else None,
+        "memory": memory_json(snap.memory),  # ours: the model's line in the memory ledger
     }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..ledger import ModelMemory
 from ..manager import ModelState
 from ..metrics import CONTENT_TYPE, LiveModel, LiveReading
 from .common import CONFIG, ENGINE, GROUPS, MANAGER, METRICS, REAPER, STARTED, rfc3339
@@ -28,6 +29,7 @@ async def health(request: web.Request) -> web.Response:
             "pinned": s.pinned,
             "expires_at": rfc3339(s.expires_at) if s.expires_at is not None else None,
             "last_used": rfc3339(s.last_used) if s.last_used else None,
+            "memory": memory_json(s.memory),
         }
         if s.error:
             entry["error"] = s.error
@@ -35,8 +37,9 @@ async def health(request: web.Request) -> web.Response:
         if group is not None:
             entry["group"] = group.to_json()
         models.append(entry)
-    host = reaper.read()
-    stats = engine.stats
+    pressure = reaper.read()
+    host = pressure.host
+    ledger = manager.ledger()
     degraded = not engine.alive or any(m["state"] == ModelState.FAILED for m in models)
     body = {
         "status": "degraded" if degraded else "ok",
@@ -49,28 +52,52 @@ async def health(request: web.Request) -> web.Response:
             "available_bytes": host.available,
             "used_fraction": round(host.used_fraction, 4),
             "pressure": reaper.pressure,
+            "pressure_level": str(pressure.level),
+            "pressure_source": reaper.source,
+            "footprint_bytes": pressure.footprint,
             "budget_bytes": manager.budget,
-            "resident_bytes": manager.resident_bytes(),
-            "mlx_active_bytes": stats.active_memory,
-            "mlx_cache_bytes": stats.cache_memory,
+            "ceiling_bytes": ledger.ceiling,  # the budget, or the device's working set if smaller
+            "resident_bytes": ledger.used,  # the older name of used_bytes
+            "used_bytes": ledger.used,  # weights, prompt caches, KV and loads under way
+            "reserved_bytes": ledger.reserved,
+            "kv_bytes": ledger.kv,
+            "mlx_active_bytes": ledger.mlx.active,
+            "mlx_cache_bytes": ledger.mlx.cache,
         },
         "queue_depth": manager.queue_depth(),
     }
     return web.json_response(body)
 
 
+def memory_json(m: ModelMemory) -> dict[str, int]:
+    """A model's line in the memory ledger, for /health and /api/ps."""
+    return {
+        "total_bytes": m.total,
+        "weights_bytes": m.weights,
+        "prompt_cache_bytes": m.prompt_cache,
+        "kv_bytes": m.kv,
+        "kv_reserved_bytes": m.kv_reserved,
+        "kv_measured_bytes": m.kv_measured,
+        "loading_bytes": m.loading,
+    }
+
+
 def live_reading(app: web.Application) -> LiveReading:
     """What the gauges show at scrape time."""
-    manager, engine = app[MANAGER], app[ENGINE]
+    manager = app[MANAGER]
+    ledger = manager.ledger()
     return LiveReading(
         models=[
-            LiveModel(s.name, s.state is ModelState.READY, s.size if s.state is ModelState.READY else 0, s.active_requests)
+            LiveModel(
+                s.name, s.state is ModelState.READY, s.size if s.state is ModelState.READY else 0, s.active_requests, s.memory.kv
+            )
             for s in manager.snapshot()
         ],
         queue_depth=manager.queue_depth(),
-        system_available_bytes=app[REAPER].read().available,
-        mlx_active_bytes=engine.stats.active_memory,
-        mlx_cache_bytes=engine.stats.cache_memory,
+        system_available_bytes=app[REAPER].read().host.available,
+        mlx_active_bytes=ledger.mlx.active,
+        mlx_cache_bytes=ledger.mlx.cache,
+        reserved_bytes=ledger.reserved,
         group_ranks_up=group_ranks_up(app),
     )
 
