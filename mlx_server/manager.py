@@ -24,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from .admission import DEFAULT_PRIORITY, Granted, Priority, SlotQueue
 from .config import FOREVER, Config, ModelConfig
 from .errors import (
     InsufficientMemory,
@@ -90,6 +91,8 @@ class Observer(Protocol):
 
     def model_evicted(self, name: str, reason: str) -> None: ...
 
+    def slot_granted(self, name: str, granted: Granted) -> None: ...
+
 
 class _NoObserver:
     def model_loaded(self, name: str, result: str, seconds: float) -> None:
@@ -98,11 +101,14 @@ class _NoObserver:
     def model_evicted(self, name: str, reason: str) -> None:
         pass
 
+    def slot_granted(self, name: str, granted: Granted) -> None:
+        pass
+
 
 @dataclass(slots=True)
 class _Record:
     config: ModelConfig
-    slots: asyncio.Semaphore
+    slots: SlotQueue  # running requests and those waiting for a slot, by priority
     keep_alive: float
     state: ModelState = ModelState.UNLOADED
     error: str | None = None
@@ -113,7 +119,6 @@ class _Record:
     details: dict[str, Any] = field(default_factory=dict)
     leases: int = 0  # running requests
     admitted: int = 0  # requests holding a slot, waiting for the model to be ready
-    queued: int = 0  # requests waiting for a slot
     last_used: float = 0.0
     expires_at: float | None = None  # clock time; None while busy or kept forever
     settled: asyncio.Future | None = None  # resolves when a load or unload ends
@@ -141,6 +146,18 @@ class Lease:
     tokenizer: Any
     context_length: int
     load_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """One model's admission queue: requests waiting for a slot, by the priority they asked for."""
+
+    name: str
+    running: int
+    max_concurrency: int
+    waiting: dict[Priority, int]
+    loading_waiters: int  # holding a slot, waiting for the model to load
+    oldest_wait: float  # seconds the longest-waiting request has waited; 0 when none
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +202,7 @@ class Manager:
         self._clock = clock
         self._wall = wall
         self._records = {
-            m.name: _Record(m, asyncio.Semaphore(m.max_concurrency), config.keep_alive_of(m))
+            m.name: _Record(m, SlotQueue(m.max_concurrency, aging=config.server.priority_aging, clock=clock), config.keep_alive_of(m))
             for m in config.models
         }
         memory = config.memory
@@ -211,7 +228,13 @@ class Manager:
         return sum(self._memory_of(r) for r in self._records.values() if r.resident)
 
     def queue_depth(self) -> int:
-        return sum(r.queued + r.admitted for r in self._records.values())
+        return sum(len(r.slots) + r.admitted for r in self._records.values())
+
+    def queue_snapshot(self) -> list[QueueSnapshot]:
+        return [
+            QueueSnapshot(r.name, r.slots.running, r.config.max_concurrency, r.slots.waiting(), r.admitted, r.slots.oldest_wait())
+            for r in self._records.values()
+        ]
 
     def snapshot(self) -> list[ModelSnapshot]:
         now, wall = self._clock(), self._wall()
@@ -222,7 +245,7 @@ class Manager:
                 error=r.error,
                 size=self._memory_of(r),
                 active_requests=r.leases,
-                queued=r.queued + r.admitted,
+                queued=len(r.slots) + r.admitted,
                 pinned=r.config.pinned,
                 keep_alive=r.keep_alive,
                 expires_at=None if r.expires_at is None else wall + (r.expires_at - now),
@@ -236,13 +259,16 @@ class Manager:
     # -- leases -----------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, name: str, *, keep_alive: float | None = None) -> AsyncIterator[Lease]:
-        """Hold `name` resident for one request: from admission to its last byte."""
+    async def lease(self, name: str, *, keep_alive: float | None = None, priority: Priority | None = None) -> AsyncIterator[Lease]:
+        """Hold `name` resident for one request: from admission to its last byte.
+
+        `priority` orders the wait for a slot; None: the model's configured priority.
+        """
         record = self._records[self.resolve(name).name]
         if self._closing:
             raise ShuttingDown()
         deadline = self._clock() + self.config.server.queue_timeout
-        await self._take_slot(record, deadline)
+        await self._take_slot(record, deadline, priority or record.config.priority or DEFAULT_PRIORITY)
         record.admitted += 1
         started = self._clock()
         try:
@@ -265,20 +291,17 @@ class Manager:
             record.slots.release()
             self._went_idle(record)
 
-    async def _take_slot(self, record: _Record, deadline: float) -> None:
-        if not record.slots.locked():
-            await record.slots.acquire()
-            return
+    async def _take_slot(self, record: _Record, deadline: float, priority: Priority) -> None:
+        """A running slot of `record`'s, in priority order when they are all taken."""
         limit = self.config.server.max_queue
-        if self.queue_depth() >= limit:
+        if record.slots.full and self.queue_depth() >= limit:
             raise QueueFull(
                 f"server busy: '{record.name}' is running {record.leases} requests and "
                 f"{self.queue_depth()} are queued (max_queue {limit})",
                 retry_after=2.0,
             )
-        record.queued += 1
         try:
-            await asyncio.wait_for(record.slots.acquire(), max(0.0, deadline - self._clock()))
+            granted = await record.slots.acquire(priority, deadline - self._clock())
         except TimeoutError:
             raise QueueFull(
                 f"model '{record.name}' is busy: {record.leases} requests running "
@@ -286,7 +309,8 @@ class Manager:
                 retry_after=5.0,
             ) from None
         finally:
-            record.queued -= 1
+            self._notify()
+        self._observer.slot_granted(record.name, granted)
 
     async def _ready(self, record: _Record, deadline: float) -> None:
         """Return once `record` is ready, loading it if needed (one load at a time)."""

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
+from .admission import Granted, Priority
 from .config import normalize_name
 
 PREFIX = "mlx_server"
@@ -24,6 +26,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+# Waits for a slot: none at all (most requests) up to queue_timeout (120s by default).
+WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,7 @@ class LiveModel:
 class LiveReading:
     models: list[LiveModel] = field(default_factory=list)
     queue_depth: int = 0
+    waiting_by_priority: dict[Priority, int] = field(default_factory=dict)  # waiting for a slot
     system_available_bytes: int = 0
     mlx_active_bytes: int = 0
     mlx_cache_bytes: int = 0
@@ -59,10 +64,23 @@ class _LiveCollector(Collector):
         yield loaded
         yield memory
         yield active
-        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for a slot or a model", value=reading.queue_depth)
+        yield _queue_depth(reading)
         yield GaugeMetricFamily(f"{PREFIX}_system_memory_available_bytes", "Host memory available (psutil)", value=reading.system_available_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_mlx_active_memory_bytes", "Memory MLX has allocated", value=reading.mlx_active_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_mlx_cache_memory_bytes", "Memory in MLX's buffer cache", value=reading.mlx_cache_bytes)
+
+
+def _queue_depth(reading: LiveReading) -> GaugeMetricFamily:
+    """One family: the unlabelled total (slots and loads) and, by priority, the waits for a slot."""
+    depth = GaugeMetricFamily(
+        f"{PREFIX}_queue_depth",
+        "Requests waiting for a slot or a model (no label: all; priority: those waiting for a slot)",
+        labels=["priority"],
+    )
+    depth.samples.append(Sample(depth.name, {}, float(reading.queue_depth)))
+    for priority in Priority:
+        depth.add_metric([priority.label], float(reading.waiting_by_priority.get(priority, 0)))
+    return depth
 
 
 class Metrics:
@@ -82,6 +100,12 @@ class Metrics:
         self.loads = Counter(f"{PREFIX}_model_loads_total", "Model loads by result", ["model", "result"], registry=r)
         self.load_duration = Histogram(f"{PREFIX}_model_load_duration_seconds", "Model load time", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.evictions = Counter(f"{PREFIX}_model_evictions_total", "Model unloads by reason", ["model", "reason"], registry=r)
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds", "Time a request waited for a running slot, by its priority",
+            ["priority"], buckets=WAIT_BUCKETS, registry=r,
+        )
+        for priority in Priority:
+            self.queue_wait.labels(priority.label)
         for name in self._models.values():
             self.prompt_tokens.labels(name)
             self.generated_tokens.labels(name)
@@ -119,6 +143,9 @@ class Metrics:
 
     def model_evicted(self, name: str, reason: str) -> None:
         self.evictions.labels(self.model_label(name), reason).inc()
+
+    def slot_granted(self, name: str, granted: Granted) -> None:
+        self.queue_wait.labels(granted.priority.label).observe(granted.waited)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
