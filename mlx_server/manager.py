@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ class _Record:
     context_length: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     leases: int = 0  # running requests
-    admitted: int = 0  # requests holding a slot, waiting for the model to be ready
+    admitted_by: Counter[Priority] = field(default_factory=Counter)  # holding a slot, waiting for the model to be ready
     last_used: float = 0.0
     expires_at: float | None = None  # clock time; None while busy or kept forever
     settled: asyncio.Future | None = None  # resolves when a load or unload ends
@@ -127,6 +128,10 @@ class _Record:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def admitted(self) -> int:
+        return sum(self.admitted_by.values())
 
     @property
     def resident(self) -> bool:
@@ -155,9 +160,12 @@ class QueueSnapshot:
     name: str
     running: int
     max_concurrency: int
-    waiting: dict[Priority, int]
-    loading_waiters: int  # holding a slot, waiting for the model to load
-    oldest_wait: float  # seconds the longest-waiting request has waited; 0 when none
+    waiting: dict[Priority, int]  # for a slot
+    waiting_for_load: dict[Priority, int]  # holding a slot, waiting for the model to load
+    oldest_wait: float  # seconds the longest wait for a slot has lasted so far; 0 when none
+
+    def total(self, priority: Priority) -> int:
+        return self.waiting[priority] + self.waiting_for_load[priority]
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +240,10 @@ class Manager:
 
     def queue_snapshot(self) -> list[QueueSnapshot]:
         return [
-            QueueSnapshot(r.name, r.slots.running, r.config.max_concurrency, r.slots.waiting(), r.admitted, r.slots.oldest_wait())
+            QueueSnapshot(
+                r.name, r.slots.running, r.config.max_concurrency, r.slots.waiting(),
+                {p: r.admitted_by[p] for p in Priority}, r.slots.oldest_wait(),
+            )
             for r in self._records.values()
         ]
 
@@ -268,17 +279,18 @@ class Manager:
         if self._closing:
             raise ShuttingDown()
         deadline = self._clock() + self.config.server.queue_timeout
-        await self._take_slot(record, deadline, priority or record.config.priority or DEFAULT_PRIORITY)
-        record.admitted += 1
+        priority = priority or record.config.priority or DEFAULT_PRIORITY
+        await self._take_slot(record, deadline, priority)
+        record.admitted_by[priority] += 1
         started = self._clock()
         try:
             await self._ready(record, deadline)
         except BaseException:
-            record.admitted -= 1
+            record.admitted_by[priority] -= 1
             record.slots.release()
             self._went_idle(record)
             raise
-        record.admitted -= 1
+        record.admitted_by[priority] -= 1
         record.leases += 1
         record.expires_at = None
         # Ollama semantics: the latest request decides; without one, the model's own setting.

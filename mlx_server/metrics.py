@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
 from .admission import Granted, Priority
 from .config import normalize_name
@@ -41,8 +40,7 @@ class LiveModel:
 @dataclass(frozen=True, slots=True)
 class LiveReading:
     models: list[LiveModel] = field(default_factory=list)
-    queue_depth: int = 0
-    waiting_by_priority: dict[Priority, int] = field(default_factory=dict)  # waiting for a slot
+    queue_depth: dict[Priority, int] = field(default_factory=dict)  # waiting for a slot or a load
     system_available_bytes: int = 0
     mlx_active_bytes: int = 0
     mlx_cache_bytes: int = 0
@@ -71,15 +69,10 @@ class _LiveCollector(Collector):
 
 
 def _queue_depth(reading: LiveReading) -> GaugeMetricFamily:
-    """One family: the unlabelled total (slots and loads) and, by priority, the waits for a slot."""
-    depth = GaugeMetricFamily(
-        f"{PREFIX}_queue_depth",
-        "Requests waiting for a slot or a model (no label: all; priority: those waiting for a slot)",
-        labels=["priority"],
-    )
-    depth.samples.append(Sample(depth.name, {}, float(reading.queue_depth)))
+    """By priority; sum() over it is the total the unlabelled gauge used to be."""
+    depth = GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for a slot or for their model to load", labels=["priority"])
     for priority in Priority:
-        depth.add_metric([priority.label], float(reading.waiting_by_priority.get(priority, 0)))
+        depth.add_metric([priority.label], float(reading.queue_depth.get(priority, 0)))
     return depth
 
 

@@ -92,12 +92,12 @@ async def queue_stats(request: web.Request) -> web.Response:
     """Requests waiting for a slot, by priority, overall and per model."""
     manager = request.app[MANAGER]
     queues = manager.queue_snapshot()
-    by_priority = {p.label: sum(q.waiting[p] for q in queues) for p in Priority}
+    by_priority = {p.label: sum(q.total(p) for q in queues) for p in Priority}
     body = {
         "queue_length": sum(by_priority.values()),
         "by_priority": by_priority,
-        "waiting_for_load": sum(q.loading_waiters for q in queues),
-        "queue_depth": manager.queue_depth(),
+        "waiting_for_slot": {p.label: sum(q.waiting[p] for q in queues) for p in Priority},
+        "waiting_for_load": {p.label: sum(q.waiting_for_load[p] for q in queues) for p in Priority},
         "max_queue": request.app[CONFIG].server.max_queue,
         "priority_aging_seconds": request.app[CONFIG].server.priority_aging,
         "models": [
@@ -105,8 +105,8 @@ async def queue_stats(request: web.Request) -> web.Response:
                 "name": q.name,
                 "running": q.running,
                 "max_concurrency": q.max_concurrency,
-                "waiting": {p.label: q.waiting[p] for p in Priority},
-                "waiting_for_load": q.loading_waiters,
+                "waiting_for_slot": {p.label: q.waiting[p] for p in Priority},
+                "waiting_for_load": {p.label: q.waiting_for_load[p] for p in Priority},
                 "oldest_wait_seconds": round(q.oldest_wait, 3),
             }
             for q in queues
@@ -118,13 +118,13 @@ async def queue_stats(request: web.Request) -> web.Response:
 def live_reading(app: web.Application) -> LiveReading:
     """What the gauges show at scrape time."""
     manager, engine = app[MANAGER], app[ENGINE]
+    queues = manager.queue_snapshot()
     return LiveReading(
         models=[
             LiveModel(s.name, s.state is ModelState.READY, s.size if s.state is ModelState.READY else 0, s.active_requests)
             for s in manager.snapshot()
         ],
-        queue_depth=manager.queue_depth(),
-        waiting_by_priority={p: sum(q.waiting[p] for q in manager.queue_snapshot()) for p in Priority},
+        queue_depth={p: sum(q.total(p) for q in queues) for p in Priority},
         system_available_bytes=app[REAPER].read().available,
         mlx_active_bytes=engine.stats.active_memory,
         mlx_cache_bytes=engine.stats.cache_memory,
