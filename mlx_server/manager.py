@@ -279,7 +279,7 @@ class Manager:
         if self._closing:
             raise ShuttingDown()
         deadline = self._clock() + self.config.server.queue_timeout
-        priority = priority or record.config.priority or DEFAULT_PRIORITY
+        priority = next((p for p in (priority, record.config.priority) if p is not None), DEFAULT_PRIORITY)
         await self._take_slot(record, deadline, priority)
         record.admitted_by[priority] += 1
         started = self._clock()

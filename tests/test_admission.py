@@ -146,3 +146,47 @@ def test_priority_names_parse_in_any_case_and_bad_ones_are_named():
         with pytest.raises(BadRequest, match="'X-Request-Priority' must be one of high, medium, low") as e:
             parse_priority(bad, param="X-Request-Priority")
         assert e.value.param == "X-Request-Priority"
+
+
+# --- through the manager: leases, the model's default priority, loads -------------------------
+
+
+async def test_manager_leases_admit_by_priority_and_the_models_default():
+    from test_manager import hold, make
+
+    manager, _ = make([{"name": "a", "max_concurrency": 1, "priority": "high"}])
+    running, release = await hold(manager, "a")
+    served: list[str] = []
+
+    async def request(name: str, priority: Priority | None) -> None:
+        async with manager.lease("a", priority=priority):
+            served.append(name)
+
+    tasks = []
+    for name, priority in (("low", LOW), ("medium", MEDIUM), ("default-high", None), ("high", HIGH)):
+        tasks.append(asyncio.create_task(request(name, priority)))
+        await settle()
+    (queue,) = manager.queue_snapshot()
+    assert queue.waiting == {HIGH: 2, MEDIUM: 1, LOW: 1} and queue.running == 1 and manager.queue_depth() == 4
+    release.set()
+    await asyncio.gather(running, *tasks)
+    assert served == ["default-high", "high", "medium", "low"]
+    assert manager.queue_depth() == 0
+
+
+async def test_a_high_request_never_waits_behind_another_models_load():
+    """b loads for a low request (its load gated); a high request for ready a goes at once."""
+    from test_manager import make, state, use
+    from mlx_server.manager import ModelState
+
+    manager, backend = make([{"name": "a"}, {"name": "b"}])
+    await use(manager, "a")
+    backend.gates["b:latest"] = asyncio.Event()
+    loading = asyncio.create_task(use(manager, "b", priority=LOW))
+    await settle()
+    assert state(manager, "b") is ModelState.LOADING
+    await asyncio.wait_for(use(manager, "a", priority=HIGH), 0.5)
+    (_, b) = manager.queue_snapshot()
+    assert b.waiting_for_load == {HIGH: 0, MEDIUM: 0, LOW: 1}
+    backend.gates["b:latest"].set()
+    await loading
