@@ -99,3 +99,17 @@ def test_old_options_errors_name_the_callers_field():
     with pytest.raises(BadRequest) as e:
         options({"prompt": "hi", "temperature": -2})
     assert e.value.param == "temperature"
+
+
+async def test_without_default_model_a_request_naming_none_is_told_what_to_set(app_client, test_model):
+    from conftest import make_config
+
+    client = await app_client(make_config([{"name": "demo", "source": str(test_model)}]))
+    for path, body in (("/api/generate", {"prompt": "hi"}), ("/api/chat", {"messages": [{"role": "user", "content": "hi"}]})):
+        r = await client.post(path, json=body)
+        assert r.status == 400
+        assert (await r.json())["error"] == "'model' is required: name one, or set default_model in models.yaml for requests that name none"
+    r = await client.post("/api/generate", json={"prompt": "hi", "category": "coding"})
+    assert r.status == 400 and "no categories are set in models.yaml" in (await r.json())["error"]
+    r = await client.get("/queue/stats")
+    assert (await r.json())["by_priority"] == {"high": 0, "medium": 0, "low": 0}

@@ -69,6 +69,11 @@ def test_a_category_picks_its_configured_model(live):
     assert r.status_code == 200 and r.json()["model"] == CHAT
 
 
+def test_chat_without_a_model_goes_to_the_default_model(live):
+    r = post(live, {"messages": [{"role": "user", "content": "hi"}], "stream": False, "options": {"num_predict": 2}}, "high", path="/api/chat")
+    assert r.status_code == 200 and r.json()["model"] == CHAT and r.json()["message"]["role"] == "assistant"
+
+
 def test_stream_true_gives_ndjson_pieces_then_done(live):
     with httpx.stream("POST", live.url + "/api/generate", json={"prompt": "Tell me", "max_tokens": 6, "stream": True, "format": UNENDING},
                       headers={"X-Request-Priority": "medium"}, timeout=120) as r:

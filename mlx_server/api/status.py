@@ -19,8 +19,7 @@ from ..manager import ModelSnapshot, ModelState
 from ..metrics import CONTENT_TYPE, LiveModel, LiveReading
 from .common import CONFIG, ENGINE, MANAGER, METRICS, REAPER, STARTED, rfc3339
 
-
-GB = 1e9  # the old server's memory figures are in decimal gigabytes, like psutil's docs
+GiB = 1 << 30  # the old server's `*_gb` memory figures: bytes / 1024**3
 
 
 async def health(request: web.Request) -> web.Response:
@@ -58,8 +57,8 @@ async def health(request: web.Request) -> web.Response:
         "models": models,
         "memory": {
             "used_percent": round(100 * host.used_fraction, 1),
-            "available_gb": round(host.available / GB, 2),
-            "total_gb": round(host.total / GB, 2),
+            "available_gb": round(host.available / GiB, 2),
+            "total_gb": round(host.total / GiB, 2),
             "total_bytes": host.total,
             "available_bytes": host.available,
             "used_fraction": round(host.used_fraction, 4),
@@ -89,7 +88,7 @@ def old_server_fields(request: web.Request, snapshots: list[ModelSnapshot]) -> d
 
 
 async def queue_stats(request: web.Request) -> web.Response:
-    """Requests waiting for a slot, by priority, overall and per model."""
+    """Waiting requests by priority, overall and per model, and how long the oldest has waited."""
     manager = request.app[MANAGER]
     queues = manager.queue_snapshot()
     by_priority = {p.label: sum(q.total(p) for q in queues) for p in Priority}
