@@ -177,6 +177,7 @@ async def test_manager_leases_admit_by_priority_and_the_models_default():
 async def test_a_high_request_never_waits_behind_another_models_load():
     """b loads for a low request (its load gated); a high request for ready a goes at once."""
     from test_manager import make, state, use
+
     from mlx_server.manager import ModelState
 
     manager, backend = make([{"name": "a"}, {"name": "b"}])
