@@ -107,7 +107,7 @@ async def _load_or_unload(request: web.Request, name: str, keep_alive: float | N
         await manager.unload(name)
         reason = "unload"
     else:
-        async with manager.lease(name, keep_alive=keep_alive):
+        async with manager.lease(name, keep_alive=keep_alive, priority=request_priority(request)):
             pass
         reason = "load"
     body: dict[str, Any] = {"model": name, "created_at": rfc3339()}
