@@ -30,6 +30,14 @@ WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 @dataclass(frozen=True, slots=True)
+class WaitSummary:
+    """Requests of one priority admitted since the start, and their mean wait for a slot."""
+
+    served: int
+    mean_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class LiveModel:
     name: str
     loaded: bool
@@ -139,6 +147,12 @@ class Metrics:
 
     def slot_granted(self, name: str, granted: Granted) -> None:
         self.queue_wait.labels(granted.priority.label).observe(granted.waited)
+
+    def wait_summary(self, priority: Priority) -> WaitSummary:
+        labels = {"priority": priority.label}
+        served = int(self.registry.get_sample_value(f"{PREFIX}_queue_wait_seconds_count", labels) or 0)
+        total = self.registry.get_sample_value(f"{PREFIX}_queue_wait_seconds_sum", labels) or 0.0
+        return WaitSummary(served, total / served if served else 0.0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -157,8 +157,11 @@ async def test_a_high_request_is_served_before_five_waiting_lows(live):
         # leaving the block closes the stream: the holder's lease ends and the slot is free
         answers = {name: (await task) for name, task in tasks.items()}
         metrics = (await client.get("/metrics")).text
+        waits = (await client.get("/queue/stats")).json()["waits"]
     assert all(r.status_code == 200 and r.json()["model"] == CHAT for r in answers.values())
     finished = sorted(answers, key=lambda name: datetime.fromisoformat(answers[name].json()["created_at"]))
     assert finished == ["high", "low0", "low1", "low2", "low3", "low4"]
     assert 'mlx_server_queue_wait_seconds_count{priority="high"}' in metrics
     assert 'mlx_server_queue_depth{priority="low"} 0.0' in metrics
+    assert waits["high"]["served"] >= 1 and waits["low"]["served"] >= 5
+    assert 0 < waits["high"]["mean_seconds"] <= waits["low"]["mean_seconds"]  # waited, but less than the lows

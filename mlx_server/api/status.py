@@ -9,6 +9,7 @@ only `healthy` and `degraded` as usable.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
@@ -97,6 +98,7 @@ async def queue_stats(request: web.Request) -> web.Response:
         "by_priority": by_priority,
         "waiting_for_slot": {p.label: sum(q.waiting[p] for q in queues) for p in Priority},
         "waiting_for_load": {p.label: sum(q.waiting_for_load[p] for q in queues) for p in Priority},
+        "waits": {p.label: asdict(request.app[METRICS].wait_summary(p)) for p in Priority},
         "max_queue": request.app[CONFIG].server.max_queue,
         "priority_aging_seconds": request.app[CONFIG].server.priority_aging,
         "models": [
