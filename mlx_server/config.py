@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .admission import DEFAULT_AGING, PRIORITY_NAMES, Priority, parse_priority
 from .errors import BadRequest, brief
 from .options import parse_options
 
@@ -94,6 +95,7 @@ class ServerConfig:
     rate_limit: RateLimit | None = None
     cors_origins: tuple[str, ...] = ()
     queue_timeout: float = 120.0  # longest a request waits for a slot or for memory
+    priority_aging: float = DEFAULT_AGING  # waiting this long raises a request one priority level
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,7 @@ class ModelConfig:
     context_length: int | None = None
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     distributed: DistributedConfig | None = None
+    priority: Priority | None = None  # admission priority of requests that name none
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +159,8 @@ class Config:
     memory: MemoryConfig = MemoryConfig()
     defaults: Defaults = Defaults()
     models: tuple[ModelConfig, ...] = ()
+    default_model: str | None = None  # a configured model's name: requests that name none get it
+    categories: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # category -> model name
 
     def find(self, name: str) -> ModelConfig | None:
         """The model a request's name refers to: its name or an alias, `:latest` implied."""
@@ -248,6 +253,9 @@ def _server(file: str, raw: Any) -> ServerConfig:
     timeout = s.duration("queue_timeout", 120.0)
     if grace < 0 or timeout <= 0:
         raise s.error("shutdown_grace" if grace < 0 else "queue_timeout", "must be a positive duration")
+    aging = s.duration("priority_aging", DEFAULT_AGING)
+    if aging <= 0:
+        raise s.error("priority_aging", "must be a positive duration")
     return ServerConfig(
         host=s.get("host", str, "127.0.0.1"),
         port=s.integer("port", DEFAULT_PORT, 0, 65535),
@@ -258,6 +266,7 @@ def _server(file: str, raw: Any) -> ServerConfig:
         rate_limit=rate_limit,
         cors_origins=tuple(origins),
         queue_timeout=timeout,
+        priority_aging=aging,
     )
 
 
@@ -424,12 +433,50 @@ def _model(file: str, index: int, raw: Any, base: Path) -> ModelConfig:
         context_length=context,
         options=s.options("options"),
         distributed=_distributed(file, label, s.raw.get("distributed"), base),
+        priority=_priority(s),
     )
+
+
+def _priority(s: _Section) -> Priority | None:
+    if s.raw.get("priority") is None:
+        return None
+    try:
+        return parse_priority(s.raw["priority"])
+    except BadRequest:
+        raise s.error("priority", f"must be one of {', '.join(PRIORITY_NAMES)}, got {brief(s.raw['priority'])}") from None
+
+
+def _routing(file: str, top: _Section, models: tuple[ModelConfig, ...]) -> tuple[str | None, Mapping[str, str]]:
+    """`default_model` and `categories`: each must name a configured model (or alias)."""
+    index = Config(models=models)
+
+    def configured(where: str, key: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{file}: {where}: key '{key}': must be a model name, got {brief(value)}")
+        model = index.find(value)
+        if model is None:
+            known = ", ".join(m.name for m in models) or "none are configured"
+            raise ConfigError(f"{file}: {where}: key '{key}': '{value}' is not a configured model (models: {known})")
+        return model.name
+
+    default = top.raw.get("default_model")
+    default_model = None if default is None else configured("top level", "default_model", default)
+    raw = top.raw.get("categories")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise top.error("categories", f"must be a mapping of category -> model name, got {type(raw).__name__}")
+    categories = {}
+    for category, name in raw.items():
+        if not isinstance(category, str) or not category.strip():
+            raise ConfigError(f"{file}: categories: {brief(category)} is not a category name (use a word, e.g. coding)")
+        categories[category.strip().lower()] = configured("categories", category, name)
+    return default_model, MappingProxyType(categories)
 
 
 def parse_config(raw: Any, *, file: str = "models.yaml", base: Path | None = None) -> Config:
     """Build a Config from already-parsed YAML; `base` resolves relative sources."""
-    top = _Section(file, "top level", raw, {"server", "memory", "defaults", "models"})
+    top = _Section(file, "top level", raw, {"server", "memory", "defaults", "models", "default_model", "categories"})
     base = base or Path.cwd()
     models_raw = top.raw.get("models") or []
     if not isinstance(models_raw, list):
@@ -441,12 +488,15 @@ def parse_config(raw: Any, *, file: str = "models.yaml", base: Path | None = Non
             if n.lower() in seen:
                 raise ConfigError(f"{file}: models ('{m.name}'): name or alias '{n}' is used twice (also by '{seen[n.lower()]}')")
             seen[n.lower()] = m.name
+    default_model, categories = _routing(file, top, models)
     return Config(
         path=None,
         server=_server(file, top.raw.get("server")),
         memory=_memory(file, top.raw.get("memory"), base),
         defaults=_defaults(file, top.raw.get("defaults")),
         models=models,
+        default_model=default_model,
+        categories=categories,
     )
 
 

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from .admission import DEFAULT_PRIORITY, Granted, Priority, SlotQueue
 from .config import FOREVER, Config, ModelConfig
 from .errors import (
     BadRequest,
@@ -101,6 +103,8 @@ class Observer(Protocol):
 
     def admission_waited(self, reason: str) -> None: ...
 
+    def slot_granted(self, name: str, granted: Granted) -> None: ...
+
 
 class _NoObserver:
     def model_loaded(self, name: str, result: str, seconds: float) -> None:
@@ -112,11 +116,14 @@ class _NoObserver:
     def admission_waited(self, reason: str) -> None:
         pass
 
+    def slot_granted(self, name: str, granted: Granted) -> None:
+        pass
+
 
 @dataclass(slots=True)
 class _Record:
     config: ModelConfig
-    slots: asyncio.Semaphore
+    slots: SlotQueue  # running requests and those waiting for a slot, by priority
     keep_alive: float
     state: ModelState = ModelState.UNLOADED
     error: str | None = None
@@ -126,8 +133,7 @@ class _Record:
     context_length: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     leases: int = 0  # running requests
-    admitted: int = 0  # requests holding a slot, waiting for the model to be ready
-    queued: int = 0  # requests waiting for a slot
+    admitted_by: Counter[Priority] = field(default_factory=Counter)  # holding a slot, waiting for the model to be ready
     last_used: float = 0.0
     expires_at: float | None = None  # clock time; None while busy or kept forever
     settled: asyncio.Future | None = None  # resolves when a load or unload ends
@@ -142,6 +148,10 @@ class _Record:
         return self.config.name
 
     @property
+    def admitted(self) -> int:
+        return sum(self.admitted_by.values())
+
+    @property
     def resident(self) -> bool:
         """Its memory is (being) taken: a load counts once it is admitted, not while it waits its turn."""
         if self.state is ModelState.LOADING:
@@ -150,8 +160,9 @@ class _Record:
 
     @property
     def protected(self) -> bool:
-        # `queued`: at the hand-off from a finished request to a queued one neither holds a lease.
-        return self.state is not ModelState.READY or self.leases > 0 or self.admitted > 0 or self.queued > 0
+        # `slots`: at the hand-off from a finished request to a queued one neither holds a
+        # lease, but the slot stays taken; requests waiting for a slot protect it too.
+        return self.state is not ModelState.READY or self.leases > 0 or self.admitted > 0 or self.slots.running > 0 or len(self.slots) > 0
 
 
 @dataclass(slots=True)
@@ -172,6 +183,21 @@ class Lease:
     context_length: int
     load_seconds: float
     ticket: _Ticket = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """One model's admission queue: requests waiting for a slot, by the priority they asked for."""
+
+    name: str
+    running: int
+    max_concurrency: int
+    waiting: dict[Priority, int]  # for a slot
+    waiting_for_load: dict[Priority, int]  # holding a slot, waiting for the model to load
+    oldest_wait: float  # seconds the longest wait for a slot has lasted so far; 0 when none
+
+    def total(self, priority: Priority) -> int:
+        return self.waiting[priority] + self.waiting_for_load[priority]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +247,7 @@ class Manager:
         self._clock = clock
         self._wall = wall
         self._records = {
-            m.name: _Record(m, asyncio.Semaphore(m.max_concurrency), config.keep_alive_of(m))
+            m.name: _Record(m, SlotQueue(m.max_concurrency, aging=config.server.priority_aging, clock=clock), config.keep_alive_of(m))
             for m in config.models
         }
         memory = config.memory
@@ -264,7 +290,16 @@ class Manager:
         return Ledger(tuple(self._line(r) for r in self._records.values()), self._ceiling(), self._mlx_memory())
 
     def queue_depth(self) -> int:
-        return sum(r.queued + r.admitted for r in self._records.values())
+        return sum(len(r.slots) + r.admitted for r in self._records.values())
+
+    def queue_snapshot(self) -> list[QueueSnapshot]:
+        return [
+            QueueSnapshot(
+                r.name, r.slots.running, r.config.max_concurrency, r.slots.waiting(),
+                {p: r.admitted_by[p] for p in Priority}, r.slots.oldest_wait(),
+            )
+            for r in self._records.values()
+        ]
 
     def snapshot(self) -> list[ModelSnapshot]:
         now, wall = self._clock(), self._wall()
@@ -275,7 +310,7 @@ class Manager:
                 error=r.error,
                 size=self._memory_of(r),
                 active_requests=r.leases,
-                queued=r.queued + r.admitted,
+                queued=len(r.slots) + r.admitted,
                 pinned=r.config.pinned,
                 keep_alive=r.keep_alive,
                 expires_at=None if r.expires_at is None else wall + (r.expires_at - now),
@@ -290,24 +325,28 @@ class Manager:
     # -- leases -----------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, name: str, *, keep_alive: float | None = None) -> AsyncIterator[Lease]:
-        """Hold `name` resident for one request: from admission to its last byte."""
+    async def lease(self, name: str, *, keep_alive: float | None = None, priority: Priority | None = None) -> AsyncIterator[Lease]:
+        """Hold `name` resident for one request: from admission to its last byte.
+
+        `priority` orders the wait for a slot; None: the model's configured priority.
+        """
         record = self._records[self.resolve(name).name]
         if self._closing:
             raise ShuttingDown()
         deadline = self._clock() + self.config.server.queue_timeout
         ticket = _Ticket(deadline)
-        await self._take_slot(record, deadline)
-        record.admitted += 1
+        priority = next((p for p in (priority, record.config.priority) if p is not None), DEFAULT_PRIORITY)
+        await self._take_slot(record, deadline, priority)
+        record.admitted_by[priority] += 1
         started = self._clock()
         try:
             await self._ready(record, deadline)
         except BaseException:
-            record.admitted -= 1
+            record.admitted_by[priority] -= 1
             record.slots.release()
             self._went_idle(record)
             raise
-        record.admitted -= 1
+        record.admitted_by[priority] -= 1
         record.leases += 1
         record.expires_at = None
         # Ollama semantics: the latest request decides; without one, the model's own setting.
@@ -321,20 +360,17 @@ class Manager:
             record.slots.release()
             self._went_idle(record)
 
-    async def _take_slot(self, record: _Record, deadline: float) -> None:
-        if not record.slots.locked():
-            await record.slots.acquire()
-            return
+    async def _take_slot(self, record: _Record, deadline: float, priority: Priority) -> None:
+        """A running slot of `record`'s, in priority order when they are all taken."""
         limit = self.config.server.max_queue
-        if self.queue_depth() >= limit:
+        if record.slots.full and self.queue_depth() >= limit:
             raise QueueFull(
                 f"server busy: '{record.name}' is running {record.leases} requests and "
                 f"{self.queue_depth()} are queued (max_queue {limit})",
                 retry_after=2.0,
             )
-        record.queued += 1
         try:
-            await asyncio.wait_for(record.slots.acquire(), max(0.0, deadline - self._clock()))
+            granted = await record.slots.acquire(priority, deadline - self._clock())
         except TimeoutError:
             raise QueueFull(
                 f"model '{record.name}' is busy: {record.leases} requests running "
@@ -342,7 +378,8 @@ class Manager:
                 retry_after=5.0,
             ) from None
         finally:
-            record.queued -= 1
+            self._notify()
+        self._observer.slot_granted(record.name, granted)
 
     async def _ready(self, record: _Record, deadline: float) -> None:
         """Return once `record` is ready, loading it if needed (one load at a time)."""

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .admission import Granted, Priority
 from .config import normalize_name
 
 PREFIX = "mlx_server"
@@ -25,6 +26,17 @@ REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 60
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 ADMISSION_WAIT_REASONS = ("memory", "load")  # the manager's reasons, each a series from the start
+
+# Waits for a slot: none at all (most requests) up to queue_timeout (120s by default).
+WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitSummary:
+    """Requests of one priority admitted since the start, and their mean wait for a slot."""
+
+    served: int
+    mean_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +51,7 @@ class LiveModel:
 @dataclass(frozen=True, slots=True)
 class LiveReading:
     models: list[LiveModel] = field(default_factory=list)
-    queue_depth: int = 0
+    queue_depth: dict[Priority, int] = field(default_factory=dict)  # waiting for a slot or a load
     system_available_bytes: int = 0
     mlx_active_bytes: int = 0
     mlx_cache_bytes: int = 0
@@ -67,7 +79,7 @@ class _LiveCollector(Collector):
         yield active
         yield kv
         yield GaugeMetricFamily(f"{PREFIX}_memory_reserved_bytes", "Memory promised before use: KV reservations and loads under way", value=reading.reserved_bytes)
-        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for a slot or a model", value=reading.queue_depth)
+        yield _queue_depth(reading)
         yield GaugeMetricFamily(f"{PREFIX}_system_memory_available_bytes", "Host memory available (psutil)", value=reading.system_available_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_mlx_active_memory_bytes", "Memory MLX has allocated", value=reading.mlx_active_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_mlx_cache_memory_bytes", "Memory in MLX's buffer cache", value=reading.mlx_cache_bytes)
@@ -75,6 +87,14 @@ class _LiveCollector(Collector):
         for name, up in reading.group_ranks_up.items():
             ranks.add_metric([name], float(up))
         yield ranks
+
+
+def _queue_depth(reading: LiveReading) -> GaugeMetricFamily:
+    """By priority; sum() over it is the total the unlabelled gauge used to be."""
+    depth = GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for a slot or for their model to load", labels=["priority"])
+    for priority in Priority:
+        depth.add_metric([priority.label], float(reading.queue_depth.get(priority, 0)))
+    return depth
 
 
 class Metrics:
@@ -99,6 +119,12 @@ class Metrics:
         )
         for reason in ADMISSION_WAIT_REASONS:
             self.admission_waits.labels(reason)
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds", "Time a request waited for a running slot, by its priority",
+            ["priority"], buckets=WAIT_BUCKETS, registry=r,
+        )
+        for priority in Priority:
+            self.queue_wait.labels(priority.label)
         for name in self._models.values():
             self.prompt_tokens.labels(name)
             self.generated_tokens.labels(name)
@@ -139,6 +165,15 @@ class Metrics:
 
     def admission_waited(self, reason: str) -> None:
         self.admission_waits.labels(reason).inc()
+
+    def slot_granted(self, name: str, granted: Granted) -> None:
+        self.queue_wait.labels(granted.priority.label).observe(granted.waited)
+
+    def wait_summary(self, priority: Priority) -> WaitSummary:
+        labels = {"priority": priority.label}
+        served = int(self.registry.get_sample_value(f"{PREFIX}_queue_wait_seconds_count", labels) or 0)
+        total = self.registry.get_sample_value(f"{PREFIX}_queue_wait_seconds_sum", labels) or 0.0
+        return WaitSummary(served, total / served if served else 0.0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

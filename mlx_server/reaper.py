@@ -1,6 +1,6 @@
 """Host memory pressure -> unload idle models. It observes and asks; it never touches MLX.
 
-Pressure is reported, not punished: /health stays "ok" when another program fills
+Pressure is reported, not punished: /health stays "healthy" when another program fills
 RAM, because clients that see "down" stop sending work the daemon could still do.
 
 Where pressure comes from depends on the host, behind one small interface

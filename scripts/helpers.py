@@ -111,9 +111,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
+USABLE = ("healthy", "degraded")  # /health's statuses; `degraded`: a model failed, the others serve
+
+
 def wait(url: str, pid: int, timeout: float, settle: float) -> int:
-    """Until /health answers (1 if the daemon dies first; pid 0: launchd's, not watched),
-    then until no model is loading."""
+    """Until /health answers `healthy` or `degraded` (1 if the daemon dies first; pid 0:
+    launchd's, not watched), then until no model is loading; a degraded daemon is named."""
     deadline = time.monotonic() + timeout
     while True:
         if pid and not _alive(pid):
@@ -121,22 +124,28 @@ def wait(url: str, pid: int, timeout: float, settle: float) -> int:
             return 1
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                json.load(r)
+                if json.load(r).get("status") not in USABLE:
+                    raise ValueError("not mlx-server's /health")
             break
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             if time.monotonic() > deadline:
                 print(f"error: mlx-server (pid {pid}) did not answer on {url}/health within {timeout:g}s", file=sys.stderr)
                 return 1
             time.sleep(0.25)
     deadline = time.monotonic() + settle
+    report: dict = {}
     while time.monotonic() < deadline and (not pid or _alive(pid)):
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                if not any(m["state"] == "loading" for m in json.load(r)["models"]):
-                    break
-        except (OSError, ValueError):
+                report = json.load(r)
+            if not any(m["state"] == "loading" for m in report["models"]):
+                break
+        except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.5)
+    if report.get("status") == "degraded":
+        failed = [f"{m['name']} ({m.get('error', 'failed')})" for m in report.get("models", []) if m.get("state") == "failed"]
+        print(f"warning: mlx-server is degraded: {', '.join(failed) or 'the engine is down'}", file=sys.stderr)
     return 0
 
 

@@ -93,6 +93,9 @@ def make(models: list[dict], *, budget_gb: float = 8, clock: Clock | None = None
         def admission_waited(self, reason):
             waits[reason] += 1
 
+        def slot_granted(self, name, granted):
+            pass
+
     manager = Manager(config, backend, total_memory=64 * GiB, observer=Observer(), clock=clock or Clock())
     backend.manager = manager
     manager.evictions = evictions
@@ -354,7 +357,7 @@ async def test_race_thousands_of_leases_against_eviction_passes():
     assert sum(served.values()) == 3000
     assert not backend.violations, backend.violations[:5]
     assert len(backend.unloads) > 100  # the evictor really competed with the leases
-    assert all(r.leases == 0 and r.admitted == 0 and r.queued == 0 for r in manager._records.values())
+    assert all(r.leases == 0 and r.admitted == 0 and len(r.slots) == 0 for r in manager._records.values())
 
 
 async def test_reaper_unloads_idle_models_until_below_low_water():

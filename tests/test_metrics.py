@@ -41,6 +41,11 @@ async def client(app_client, test_model):
     return client
 
 
+def queued(text: str) -> float:
+    """sum(mlx_server_queue_depth): the waiting requests of every priority."""
+    return sum(v for (name, _), v in samples(text).items() if name == "mlx_server_queue_depth")
+
+
 async def wait_health(client, predicate, timeout: float = 30) -> dict:
     """The demo model's /health entry once `predicate` holds for it."""
     deadline = time.monotonic() + timeout
@@ -86,7 +91,7 @@ async def test_every_design_family_with_values_from_real_traffic(client, test_mo
     assert value(text, "mlx_server_model_loaded", model=DEMO) == 1
     assert value(text, "mlx_server_model_memory_bytes", model=DEMO) >= 0.99 * weights
     assert value(text, "mlx_server_active_requests", model=DEMO) == 0
-    assert value(text, "mlx_server_queue_depth") == 0
+    assert queued(text) == 0
     assert value(text, "mlx_server_system_memory_available_bytes") > 0
     assert value(text, "mlx_server_mlx_active_memory_bytes") >= 0.99 * weights
     assert value(text, "mlx_server_mlx_cache_memory_bytes") >= 0
@@ -114,17 +119,19 @@ async def test_gauges_are_read_at_scrape_time(client):
     assert json.loads(await first.content.readline())["done"] is False
     text = await scrape(client)
     assert value(text, "mlx_server_active_requests", model=DEMO) == 1
-    assert value(text, "mlx_server_queue_depth") == 0
+    assert queued(text) == 0
 
     second = asyncio.create_task(generate(client))  # max_concurrency 1: it waits
     await wait_health(client, lambda m: m["queued"] == 1)
-    assert value(await scrape(client), "mlx_server_queue_depth") == 1
+    text = await scrape(client)
+    assert queued(text) == 1 and value(text, "mlx_server_queue_depth", priority="medium") == 1  # the default priority
     lines = (await first.text()).splitlines()
     assert json.loads(lines[-1])["done"] is True
     await second
     text = await scrape(client)
     assert value(text, "mlx_server_active_requests", model=DEMO) == 0
-    assert value(text, "mlx_server_queue_depth") == 0
+    assert queued(text) == 0
+    assert value(text, "mlx_server_queue_wait_seconds_count", priority="medium") == 3
 
     response = await client.post("/api/generate", json={"model": "demo", "keep_alive": 0})
     assert response.status == 200

@@ -167,7 +167,7 @@ async def test_a_burst_is_bounded_answered_and_leaves_nothing_behind(tmp_path, t
             assert all(seconds < AT_ONCE and int(body["retry"]) >= 1 for seconds, body in refused)
             assert peak["active"] <= 2 and peak["queued"] <= 3
             report = await wait_for(session, d.url, lambda m, r: m["active_requests"] == 0 and r["queue_depth"] == 0)
-            assert report["status"] == "ok"
+            assert report["status"] == "healthy"
 
 
 def test_clients_leaving_mid_stream_are_499s_never_500s(tmp_path, test_model):

@@ -32,6 +32,7 @@ from mlx_server.testing import free_port
 from victoria_stub import QUESTIONS, REQUESTS, create_victoria_app
 
 SEEN = web.AppKey("seen", list)
+PRIORITIES = web.AppKey("priorities", list)  # each request's X-Request-Priority (None: absent)
 
 
 def make_upstream(label: str, models: dict[str, str]) -> web.Application:
@@ -42,6 +43,7 @@ def make_upstream(label: str, models: dict[str, str]) -> web.Application:
     async def answer(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         request.app[SEEN].append(body)
+        request.app[PRIORITIES].append(request.headers.get("X-Request-Priority"))
         model = body["model"]
         key = "message" if request.path == "/api/chat" else "response"
 
@@ -80,6 +82,7 @@ def make_upstream(label: str, models: dict[str, str]) -> web.Application:
 
     app = web.Application()
     app[SEEN] = []
+    app[PRIORITIES] = []
     app.router.add_post("/api/chat", answer)
     app.router.add_post("/api/generate", answer)
     app.router.add_get("/api/tags", tags)
@@ -378,7 +381,7 @@ async def test_a_hung_backend_costs_one_timeout_then_is_skipped(aiohttp_client, 
     down = [r.getMessage() for r in caplog.records if "is down" in r.getMessage()]
     assert down == [f"backend mlx ({hung_url}) is down: no answer within 1s; skipping it for 60s before the next probe"]
     health = await (await client.get("/health")).json()
-    assert health["status"] == "ok" and health["backends"][0]["state"] == "open" and health["backends"][0]["reason"] == "no answer within 1s"
+    assert health["status"] == "degraded" and health["backends"][0]["state"] == "open" and health["backends"][0]["reason"] == "no answer within 1s"
 
 
 async def test_a_dead_backend_is_probed_after_the_cooldown_and_used_again(aiohttp_client, aiohttp_server, upstreams, caplog):
@@ -577,3 +580,37 @@ async def test_chunks_pass_through_as_they_arrive(aiohttp_client, aiohttp_server
         released.set()
         rest = await r.text()
         assert "second" in rest and ("[DONE]" in rest) == path.startswith("/v1/")
+
+
+async def test_the_priority_header_goes_through_to_mlx_and_ollama(proxy, upstreams):
+    client, router = await proxy()
+    r = await client.post("/api/chat", json=chat_body("alpha", stream=False), headers={"X-Request-Priority": "High"})
+    assert r.status == 200 and r.headers[HEADER] == "mlx"
+    r = await client.post("/api/generate", json={"model": "beta", "prompt": "hi", "stream": False}, headers={"X-Request-Priority": "low"})
+    assert r.status == 200 and r.headers[HEADER] == "ollama"  # MLX has no beta: the header goes on with the request
+    r = await client.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]},
+                          headers={"X-Request-Priority": "medium"})
+    assert r.status == 200
+    r = await client.post("/api/chat", json=chat_body("alpha", stream=False))
+    assert r.status == 200
+    assert upstreams["mlx"][PRIORITIES] == ["high", "low", "medium", None]
+    assert upstreams["ollama"][PRIORITIES] == ["low"]
+
+
+async def test_a_bad_priority_header_is_the_callers_400_not_a_fallback(proxy, upstreams):
+    client, router = await proxy()
+    r = await client.post("/api/chat", json=chat_body("alpha", stream=False), headers={"X-Request-Priority": "urgent"})
+    assert r.status == 400 and "'X-Request-Priority' must be one of high, medium, low, got 'urgent'" in (await r.json())["error"]
+    assert upstreams["mlx"][SEEN] == [] and upstreams["ollama"][SEEN] == []
+
+
+async def test_router_health_is_healthy_degraded_or_down(aiohttp_client, upstreams):
+    mlx, oll, vic = upstreams["urls"]
+    client = await aiohttp_client(create_router_app(config(mlx, oll, None)))
+    assert (await (await client.get("/health")).json())["status"] == "healthy"  # a disabled backend is not a fault
+    client = await aiohttp_client(create_router_app(config(f"http://127.0.0.1:{free_port()}", oll, None, health_interval=0.05)))
+    for _ in range(100):
+        if (health := await (await client.get("/health")).json())["status"] != "healthy":
+            break
+        await asyncio.sleep(0.05)
+    assert health["status"] == "degraded" and health["backends"][0]["up"] is False

@@ -366,7 +366,7 @@ def test_openai_errors_name_the_param(live):
 
 def test_after_the_sweep_the_daemon_is_healthy_and_nothing_was_a_500(live):
     health = live.get("/health").json()
-    assert health["status"] == "ok" and health["queue_depth"] == 0
+    assert health["status"] == "healthy" and health["queue_depth"] == 0
     assert [m["active_requests"] for m in health["models"]] == [0]
     metrics = live.get("/metrics").text
     statuses = {line.split('status="')[1].split('"')[0] for line in metrics.splitlines() if line.startswith("mlx_server_requests_total{")}

@@ -32,6 +32,7 @@ from ..options import GenerationOptions
 from ..prompts import chat_prompt
 from ..reaper import Reaper
 from ..tools import OutputParser, starts_in_thinking
+from .priority import request_priority
 
 log = logging.getLogger("mlx_server.http")
 
@@ -276,7 +277,7 @@ async def completion(request: web.Request, spec: CompletionSpec) -> AsyncIterato
     app = request.app
     request[MODEL_KEY] = spec.model
     started = time.perf_counter()
-    async with app[MANAGER].lease(spec.model, keep_alive=spec.keep_alive) as lease:
+    async with app[MANAGER].lease(spec.model, keep_alive=spec.keep_alive, priority=request_priority(request)) as lease:
         request[MODEL_KEY] = lease.name
         prompt = await asyncio.to_thread(spec.build_prompt, lease.tokenizer)
         if not prompt:

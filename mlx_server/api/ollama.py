@@ -2,6 +2,10 @@
 
 Streaming is the default and real: each decoded piece leaves as one NDJSON line.
 An unknown model is a 404; nothing is ever answered by a different model.
+
+/api/generate also speaks the old MLX API Server's dialect, chosen by the body alone:
+one with that server's own top-level fields (`max_tokens`, `temperature`, `category`)
+or without a `model` (which Ollama refuses) is answered as that server did.
 """
 
 from __future__ import annotations
@@ -46,8 +50,12 @@ from .common import (
     rfc3339,
 )
 from .status import memory_json
+from .priority import body_priority, request_priority
 
 FOREVER_TIMESTAMP = 10_000_000_000.0  # 2286-11-20: how "never expires" reads in expires_at
+OLD_SERVER_FIELDS = ("max_tokens", "temperature", "category")  # never top-level in an Ollama body
+OLD_SERVER_OPTIONS = {"max_tokens": "num_predict", "temperature": "temperature"}
+OLD_SERVER_MAX_TOKENS = 2048  # the old server's default answer length
 MAX_EMBED_INPUTS = 2048  # OpenAI's limit: one request must not hold the engine thread for minutes
 
 
@@ -101,7 +109,7 @@ async def _load_or_unload(request: web.Request, name: str, keep_alive: float | N
         await manager.unload(name)
         reason = "unload"
     else:
-        async with manager.lease(name, keep_alive=keep_alive):
+        async with manager.lease(name, keep_alive=keep_alive, priority=request_priority(request)):
             pass
         reason = "load"
     body: dict[str, Any] = {"model": name, "created_at": rfc3339()}
@@ -179,14 +187,58 @@ def _final(c: Completion, name: str, chat: bool, constraint: Constraint | None) 
     return body | durations_ns(c)
 
 
+def old_server_dialect(body: dict[str, Any]) -> bool:
+    """The old MLX API Server's callers send its own fields, or no model at all."""
+    return body.get("model") is None or any(key in body for key in OLD_SERVER_FIELDS)
+
+
+def routed_model(request: web.Request, body: dict[str, Any]) -> tuple[str, ModelConfig]:
+    """The model the body names; else its `category`'s, else `default_model` (models.yaml).
+
+    Never a guess: an unknown category or a missing default is a 400 that says what to do.
+    """
+    if body.get("model") is not None:
+        return requested_model(request, body)
+    config = request.app[CONFIG]
+    category = field(body, "category", str)
+    if category is not None:
+        name = config.categories.get(category.strip().lower())
+        if name is None:
+            known = ", ".join(sorted(config.categories))
+            hint = f"models.yaml maps these categories: {known}" if known else "no categories are set in models.yaml (categories: {coding: MODEL, ...})"
+            raise BadRequest(f"unknown category '{category}': {hint}; or name a 'model'", param="category")
+    else:
+        name = config.default_model or config.categories.get("default")
+        if name is None:
+            raise BadRequest("'model' is required: name one, or set default_model in models.yaml for requests that name none", param="model")
+    request[MODEL_KEY] = name
+    return name, request.app[MANAGER].resolve(name)
+
+
+def old_server_options(request: web.Request, model: ModelConfig, body: dict[str, Any]) -> GenerationOptions:
+    """`max_tokens` (default 2048) and `temperature` at the top level win over `options`."""
+    given = parse_options(body.get("options"))
+    top = {ours: body[theirs] for theirs, ours in OLD_SERVER_OPTIONS.items() if body.get(theirs) is not None}
+    try:
+        top = parse_options(top)
+    except BadRequest as e:
+        theirs = next(k for k, v in OLD_SERVER_OPTIONS.items() if v == e.param)
+        raise BadRequest(e.message.replace(f"option '{e.param}'", f"'{theirs}'"), param=theirs) from None
+    if "num_predict" not in top and "num_predict" not in given:
+        top["num_predict"] = OLD_SERVER_MAX_TOKENS
+    return merge_options(request.app[CONFIG].defaults.options, model.options, given, top)
+
+
 async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    name, model = requested_model(request, body)
+    old = old_server_dialect(body)
+    name, model = routed_model(request, body) if old else requested_model(request, body)
+    body_priority(request, body)
     prompt = field(body, "prompt", str, "")
     suffix = field(body, "suffix", str, "")
     system = field(body, "system", str, "")
     raw = field(body, "raw", bool, False)
-    stream = field(body, "stream", bool, True)
+    stream = field(body, "stream", bool, not old)
     think = field(body, "think", (bool, str))
     context = field(body, "context", list, [])
     keep_alive = keep_alive_field(body)
@@ -198,7 +250,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise BadRequest("'context' must be an array of token ids (non-negative integers)", param="context")
     if not prompt and not suffix:
         return await _load_or_unload(request, name, keep_alive, chat=False)
-    options = request_options(request, model, body.get("options"))
+    options = old_server_options(request, model, body) if old else request_options(request, model, body.get("options"))
     constraint = format_constraint(body.get("format"))
     think = think_with_format(_think(think), constraint)
 
@@ -251,7 +303,8 @@ def _history_call(index: int, call: Any) -> dict[str, Any]:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    name, model = requested_model(request, body)
+    name, model = routed_model(request, body)
+    body_priority(request, body)
     stream = field(body, "stream", bool, True)
     think = field(body, "think", (bool, str))
     tools = function_tools(body.get("tools"))
@@ -298,7 +351,7 @@ async def embed_inputs(
     if app[MANAGER].resolve(name).distributed is not None:  # its ranks run generation only
         raise BadRequest(f"model '{name}' is distributed over several ranks and does not compute embeddings", param="model")
     started = time.perf_counter()
-    async with app[MANAGER].lease(name, keep_alive=keep_alive) as lease:
+    async with app[MANAGER].lease(name, keep_alive=keep_alive, priority=request_priority(request)) as lease:
         request[MODEL_KEY] = lease.name
         limit = min(lease.context_length, num_ctx or lease.context_length)
         ids = await asyncio.to_thread(_embedding_ids, lease.tokenizer, inputs, limit, truncate, param)
@@ -525,6 +578,17 @@ async def pull(request: web.Request) -> web.StreamResponse:
     return web.json_response({"status": "success"})
 
 
+async def model_status(request: web.Request) -> web.Response:
+    """The old server's model check: is `name` configured, and is it loaded now?"""
+    name = request.match_info["name"]
+    model = request.app[CONFIG].find(name)
+    body: dict[str, Any] = {"name": name, "exists": model is not None, "loaded": False}
+    if model is not None:
+        snap = next(s for s in request.app[MANAGER].snapshot() if s.name == model.name)
+        body |= {"model": model.name, "loaded": snap.state is ModelState.READY, "state": str(snap.state)}
+    return web.json_response(body)
+
+
 async def root(request: web.Request) -> web.Response:
     return web.Response(text="Ollama is running")
 
@@ -544,4 +608,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/embed", embed)
     app.router.add_post("/api/embeddings", embeddings)
     app.router.add_post("/api/pull", pull)
+    app.router.add_get("/api/models/{name:.+}", model_status)
 

@@ -44,6 +44,7 @@ def one_of(*schemas: Schema) -> Schema:
 
 
 STRING = {"type": "string"}
+PRIORITY = {"enum": ["high", "medium", "low"], "description": "admission order when the model's slots are full (also the X-Request-Priority header)"}
 TEXT = {"type": "string", "minLength": 1}
 BOOLEAN = {"type": "boolean"}
 INTEGER = {"type": "integer"}
@@ -205,6 +206,10 @@ def ollama_paths(model: Schema) -> dict[str, Any]:
                     context=TOKEN_IDS,
                     images=array(STRING, maxItems=0),
                     template={"type": "string", "maxLength": 0, "description": "overrides are not supported"},
+                    max_tokens=integer(-2, MAX_CONTEXT) | {"description": "the old MLX API Server's dialect: not streamed unless stream is true"},
+                    temperature=SAMPLING["temperature"],
+                    category={"type": "string", "description": "a models.yaml category, when no model is named"},
+                    priority=PRIORITY,
                     **generation,
                     **common,
                 ),
@@ -402,8 +407,21 @@ def anthropic_paths(model: Schema) -> dict[str, Any]:
 
 def status_paths() -> dict[str, Any]:
     model = obj(("name", "state", "active_requests"), name=STRING, state={"enum": ["unloaded", "loading", "ready", "unloading", "failed"]}, active_requests=INTEGER, queued=INTEGER, error=STRING)
-    health = obj(("status", "models"), status={"enum": ["ok", "degraded"]}, version=STRING, engine=ANY_OBJECT, models=array(model), memory=ANY_OBJECT, queue_depth=INTEGER)
+    cached = obj(("name", "active_requests", "is_loading"), name=STRING, active_requests=INTEGER, is_loading=BOOLEAN)
+    health = obj(
+        ("status", "models", "active_requests", "max_concurrent", "memory", "cached_models", "loading_models", "active_model_requests"),
+        status={"enum": ["healthy", "degraded"]}, version=STRING, engine=ANY_OBJECT, models=array(model), memory=ANY_OBJECT, queue_depth=INTEGER,
+        active_requests=INTEGER, max_concurrent=INTEGER, cached_models=array(cached), loading_models=array(STRING), active_model_requests=ANY_OBJECT,
+    )
+    by_priority = obj(("high", "medium", "low"), high=INTEGER, medium=INTEGER, low=INTEGER)
+    queue = obj(("queue_length", "by_priority", "models"), queue_length=INTEGER, by_priority=by_priority, queue_depth=INTEGER, models=array(ANY_OBJECT))
+    exists = obj(("name", "exists", "loaded"), name=STRING, exists=BOOLEAN, loaded=BOOLEAN, model=STRING, state=STRING)
     return {
+        "/queue/stats": {"get": get("ollama", "Requests waiting for a slot, by priority", {"application/json": queue})},
+        "/api/models/{name}": {
+            "get": get("ollama", "Whether a model is configured and loaded (the old MLX API Server's check)", {"application/json": exists})
+            | {"parameters": [{"name": "name", "in": "path", "required": True, "schema": STRING}]}
+        },
         "/health": {"get": get("ollama", "Liveness, models and memory", {"application/json": health}, ()) | {"security": []}},
         "/metrics": {"get": get("ollama", "Prometheus metrics", {"text/plain": STRING}, ()) | {"security": []}},
         "/openapi.json": {"get": get("ollama", "This document", {"application/json": ANY_OBJECT})},

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ..admission import PRIORITY_HEADER, Priority
 from ..errors import MlxServerError, UpstreamError
 from .breaker import Admission, Breaker, BreakerState
 from .config import DISABLED, BackendConfig, RouterConfig, load_router_config
@@ -257,32 +258,33 @@ class Router:
     # --- the library API
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *, stream: bool = False,
-                   options: dict[str, Any] | None = None, **fields: Any) -> Reply | Stream:
+                   options: dict[str, Any] | None = None, priority: Priority | None = None, **fields: Any) -> Reply | Stream:
         """An Ollama /api/chat: a `Stream` of chunks when `stream`, else a `Reply`.
         `fields` are further request fields (tools, format, keep_alive, think)."""
         body = {"model": model, "messages": messages, **fields, "stream": stream} | ({"options": options} if options else {})
-        return await (self.open("chat", body) if stream else self.complete("chat", body))
+        return await (self.open("chat", body, priority=priority) if stream else self.complete("chat", body, priority=priority))
 
     async def generate(self, model: str, prompt: str, *, stream: bool = False,
-                       options: dict[str, Any] | None = None, **fields: Any) -> Reply | Stream:
+                       options: dict[str, Any] | None = None, priority: Priority | None = None, **fields: Any) -> Reply | Stream:
         """An Ollama /api/generate, routed like `chat`."""
         body = {"model": model, "prompt": prompt, **fields, "stream": stream} | ({"options": options} if options else {})
-        return await (self.open("generate", body) if stream else self.complete("generate", body))
+        return await (self.open("generate", body, priority=priority) if stream else self.complete("generate", body, priority=priority))
 
-    async def complete(self, kind: str, body: dict[str, Any]) -> Reply:
-        async with await self.open(kind, body) as stream:
+    async def complete(self, kind: str, body: dict[str, Any], *, priority: Priority | None = None) -> Reply:
+        async with await self.open(kind, body, priority=priority) as stream:
             return Reply(stream.backend, await collect(stream))
 
-    async def open(self, kind: str, body: dict[str, Any]) -> Stream:
+    async def open(self, kind: str, body: dict[str, Any], *, priority: Priority | None = None) -> Stream:
         """Start the answer on the first backend that takes it (`kind`: chat | generate);
-        raises `Unanswered` when none does."""
+        raises `Unanswered` when none does. `priority` goes to MLX and Ollama as
+        X-Request-Priority (the daemon orders admission by it; Ollama ignores it)."""
         validate_body(kind, body)
         misses: list[tuple[str, Miss]] = []
         for backend in self.backends:
             if misses:
                 self._fallbacks.labels(misses[-1][0], backend.name, misses[-1][1].reason).inc()
             try:
-                first, rest = await self._attempt(backend, kind, body)
+                first, rest = await self._attempt(backend, kind, body, priority)
             except Miss as miss:
                 log.debug("%s missed %s: %s", backend.name, body["model"], miss)
                 misses.append((backend.name, miss))
@@ -292,7 +294,8 @@ class Router:
         self._requests.labels("none", "unanswered").inc()
         raise Unanswered(body["model"], misses, self.config.cooldown)
 
-    async def _attempt(self, backend: BackendConfig, kind: str, body: dict[str, Any]) -> tuple[dict[str, Any], Chunks]:
+    async def _attempt(self, backend: BackendConfig, kind: str, body: dict[str, Any],
+                       priority: Priority | None) -> tuple[dict[str, Any], Chunks]:
         """The backend's first chunk and the rest, or a Miss."""
         breaker = self._breakers[backend.name]
         admission = breaker.admit(self._clock())
@@ -304,7 +307,7 @@ class Router:
                     raise Miss("circuit_open", f"still down ({breaker.reason})")
             finally:
                 breaker.settle()
-        chunks = self._chunks(backend, kind, body)
+        chunks = self._chunks(backend, kind, body, priority)
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
@@ -342,10 +345,11 @@ class Router:
             await rest.aclose()
             self._requests.labels(backend.name, outcome).inc()
 
-    def _chunks(self, backend: BackendConfig, kind: str, body: dict[str, Any]) -> Chunks:
+    def _chunks(self, backend: BackendConfig, kind: str, body: dict[str, Any], priority: Priority | None) -> Chunks:
         if backend.name == "victoria":
             return self._victoria_chunks(backend, kind, body)
-        return self._ollama_chunks(backend, f"/api/{kind}", body)
+        headers = self._headers(backend) | ({PRIORITY_HEADER: priority.label} if priority is not None else {})
+        return self._ollama_chunks(backend, f"/api/{kind}", body, headers)
 
     def _timeout(self, backend: BackendConfig) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=None, sock_connect=backend.connect_timeout, sock_read=backend.timeout)
@@ -353,9 +357,9 @@ class Router:
     def _headers(self, backend: BackendConfig) -> dict[str, str]:
         return {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
 
-    async def _ollama_chunks(self, backend: BackendConfig, path: str, body: dict[str, Any]) -> Chunks:
+    async def _ollama_chunks(self, backend: BackendConfig, path: str, body: dict[str, Any], headers: dict[str, str]) -> Chunks:
         """Ollama NDJSON, always streamed; ends after the `done` chunk."""
-        async with self._http().post(backend.url + path, json=body | {"stream": True}, headers=self._headers(backend),
+        async with self._http().post(backend.url + path, json=body | {"stream": True}, headers=headers,
                                      timeout=self._timeout(backend)) as response:
             if response.status != 200:
                 raise _status_miss(response.status, await _error_text(response))
@@ -465,7 +469,9 @@ class Router:
                 if breaker.state is not BreakerState.CLOSED:
                     entry["next_probe_in"] = round(breaker.remaining(now), 3)
             backends.append(entry)
-        return {"status": "ok" if any(e["up"] for e in backends) else "down", "backends": backends}
+        enabled = [e for e in backends if e["state"] != DISABLED]
+        status = "healthy" if all(e["up"] for e in enabled) else "degraded" if any(e["up"] for e in enabled) else "down"
+        return {"status": status, "backends": backends}
 
     # --- models
 

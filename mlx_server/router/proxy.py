@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from .. import __version__
+from ..admission import PRIORITY_HEADER, Priority, parse_priority
 from ..errors import BadRequest, MlxServerError, RouteError
 from .config import DISABLED, RouterConfig, load_router_config
 from .core import Router, Stream, collect
@@ -83,6 +84,12 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _priority(request: web.Request) -> Priority | None:
+    """X-Request-Priority, checked here: a bad value is the caller's 400, not a backend's miss."""
+    header = request.headers.get(PRIORITY_HEADER)
+    return parse_priority(header, param=PRIORITY_HEADER) if header and header.strip() else None
+
+
 def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
@@ -103,7 +110,7 @@ async def _stream_out(
 def _ollama_handler(kind: str) -> Callable:
     async def handler(request: web.Request) -> web.StreamResponse:
         body = await _read_body(request)
-        async with await request.app[ROUTER].open(kind, body) as stream:
+        async with await request.app[ROUTER].open(kind, body, priority=_priority(request)) as stream:
             if not body.get("stream", True):  # a failure after the start: AnswerFailed, a 502
                 return web.json_response(await collect(stream), headers={HEADER: stream.backend})
             return await _stream_out(request, stream, NDJSON, (_json_bytes(c) + b"\n" async for c in stream))
@@ -115,7 +122,7 @@ async def openai_chat(request: web.Request) -> web.StreamResponse:
     body = await _read_body(request)
     ollama_body, streaming, include_usage = openai_to_ollama(body)
     ident, model, created = f"chatcmpl-{uuid.uuid4().hex}", body["model"], int(time.time())
-    async with await request.app[ROUTER].open("chat", ollama_body) as stream:
+    async with await request.app[ROUTER].open("chat", ollama_body, priority=_priority(request)) as stream:
         if not streaming:
             final = await collect(stream)
             return web.json_response(openai_completion(final, ident, model, created), headers={HEADER: stream.backend})
