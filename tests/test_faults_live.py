@@ -106,7 +106,7 @@ def test_a_failing_grammar_processor_fails_its_request_and_three_of_four_finish(
     for lines in results[1:]:
         assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 12
     report = health(faulty.url)
-    assert report["engine"]["alive"] and report["status"] == "ok"
+    assert report["engine"]["alive"] and report["status"] == "healthy"
 
 
 def test_an_exception_in_token_handling_fails_only_its_request(faulty):
