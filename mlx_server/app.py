@@ -55,7 +55,7 @@ def create_app(
     for module in (ollama, openai, anthropic, status, openapi):
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
-    app[ENGINE] = Engine()
+    app[ENGINE] = Engine(disk_cache_gb=config.memory.disk_cache_gb, disk_cache_dir=config.memory.disk_cache_dir)
     app.cleanup_ctx.append(_residency(probe, on_engine_death))
     return app
 

@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import GenerationFailed, MlxServerError
 from ..jobs import ErrorEvent, GenerationJob
 from . import libs
+from .disk_tier import DiskTier
 from .faults import FATAL, generation_error
 from .memory import cache_nbytes, return_memory
 from .outbox import Outbox
@@ -37,7 +38,18 @@ MIN_PREFILL_SLICE = 32
 
 
 class ModelRunner:
-    def __init__(self, name: str, model: Any, tokenizer: Any, *, weights_bytes: int, batch_size: int, prompt_cache_bytes: int, outbox: Outbox):
+    def __init__(
+        self,
+        name: str,
+        model: Any,
+        tokenizer: Any,
+        *,
+        weights_bytes: int,
+        batch_size: int,
+        prompt_cache_bytes: int,
+        outbox: Outbox,
+        disk: DiskTier | None = None,
+    ):
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -45,6 +57,7 @@ class ModelRunner:
         self.batch_size = batch_size
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.outbox = outbox
+        self.disk = disk  # prompt caches on disk, when the engine keeps them and this model has an identity
         self.batchable = all(hasattr(c, "merge") for c in libs.lm_cache.make_prompt_cache(model))
         self.batch: Any = None  # mlx_lm BatchGenerator, created on first use
         self.prefill_rate: float | None = None  # prompt tokens per second, measured
@@ -70,6 +83,10 @@ class ModelRunner:
         try:
             prompt = list(request.prompt)
             cache, rest = self.prompt_cache.fetch(prompt)
+            if self.disk is not None:
+                hit = self.disk.fetch(prompt, len(prompt) - len(rest))
+                if hit is not None:
+                    cache, rest = hit.cache, prompt[hit.reused :]
             processors = logits_processors(request)
             seq = Sequence(
                 job=job,
@@ -228,6 +245,8 @@ class ModelRunner:
         """The answer is complete whether or not its cache is kept: a failure here is only logged."""
         try:
             self.prompt_cache.insert(tokens, cache)
+            if self.disk is not None:
+                self.disk.queue(tokens, cache)
         except FATAL:
             raise
         except BaseException:
