@@ -79,7 +79,8 @@ async def test_an_mlx_error_mid_stream_is_an_error_line_and_the_next_request_wor
     warm = await client.post("/api/generate", json={**body, "stream": False})
     assert warm.status == 200
 
-    from mlx_server.engine.single import SingleStream  # a lone request decodes on its own stream
+    # A lone request decodes on its own single stream, not in the batch.
+    from mlx_server.engine.single import SingleStream
 
     original = SingleStream.next
     calls = {"n": 0}
