@@ -34,3 +34,21 @@ async def test_saves_wait_for_an_idle_engine_and_an_unload_keeps_them(test_model
         assert len(list(tmp_path.rglob("*.safetensors"))) == 1
     finally:
         await engine.stop()
+
+
+async def test_an_unusable_cache_directory_is_logged_and_the_engine_runs_without(test_model, tmp_path, caplog):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory should be")
+    engine = Engine(disk_cache_gb=0.1, disk_cache_dir=blocker / "prompts")
+    engine.start()
+    await engine.started()
+    try:
+        tokenizer = load_tokenizer(test_model)
+        await engine.load("m", test_model, tokenizer, batch_size=8, prompt_cache_bytes=64 << 20)
+        job = engine.generate(GenerationRequest(model="m", prompt=tokenizer.encode(LONG), max_tokens=4))
+        events = [e async for e in job.events()]
+        assert isinstance(events[-1], DoneEvent) and events[-1].completion_tokens == 4
+        assert engine._runners["m"].disk is None
+        assert "disk prompt cache in" in caplog.text and "running without it" in caplog.text
+    finally:
+        await engine.stop()
