@@ -65,10 +65,14 @@ def create_app(
     for module in (ollama, openai, anthropic, status, openapi):
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
-    cache_limit = config.memory.mlx_cache_limit_gb
-    app[ENGINE] = Engine(cache_limit_bytes=None if cache_limit is None else int(cache_limit * GiB))
+    memory = config.memory
+    app[ENGINE] = Engine(
+        cache_limit_bytes=None if memory.mlx_cache_limit_gb is None else int(memory.mlx_cache_limit_gb * GiB),
+        disk_cache_gb=memory.disk_cache_gb,
+        disk_cache_dir=memory.disk_cache_dir,
+    )
     app[GROUPS] = GroupBackend(app[ENGINE])
-    app.cleanup_ctx.append(_residency(probe, pressure or make_pressure_signal(config.memory, probe), on_engine_death))
+    app.cleanup_ctx.append(_residency(probe, pressure or make_pressure_signal(memory, probe), on_engine_death))
     return app
 
 

@@ -98,8 +98,9 @@ async def test_an_mlx_error_in_a_step_fails_those_requests_not_the_engine(engine
         return original(self)
 
     monkeypatch.setattr(BatchGenerator, "next", failing_next)
-    _, last = await run(engine, "boom", max_tokens=50)
-    assert isinstance(last, ErrorEvent) and "out of memory" in last.error.message
+    # Two requests share the batch (one alone would run on its single stream).
+    results = await asyncio.gather(run(engine, "boom", max_tokens=50), run(engine, "boom too", max_tokens=50))
+    assert all(isinstance(last, ErrorEvent) and "out of memory" in last.error.message for _, last in results)
     monkeypatch.setattr(BatchGenerator, "next", original)
     text, done = await run(engine, "after", max_tokens=8)
     assert isinstance(done, DoneEvent) and done.completion_tokens == 8 and engine.alive

@@ -119,8 +119,9 @@ async def test_a_batch_step_that_raises_a_base_exception_fails_that_batch_only(e
         return original(self)
 
     monkeypatch.setattr(BatchGenerator, "next", failing)
-    batched, seeded = await asyncio.gather(run(engine, "batched", max_tokens=20), run(engine, "seeded", max_tokens=20, options=SEEDED))
-    assert isinstance(batched[1], ErrorEvent) and "FakePanic" in batched[1].error.message
+    # Two unseeded requests share the batch (one alone would run on its single stream).
+    *batched, seeded = await asyncio.gather(*(run(engine, f"batched {i}", max_tokens=20) for i in range(2)), run(engine, "seeded", max_tokens=20, options=SEEDED))
+    assert all(isinstance(b[1], ErrorEvent) and "FakePanic" in b[1].error.message for b in batched)
     assert isinstance(seeded[1], DoneEvent) and seeded[1].completion_tokens == 20
     _, after = await run(engine, "after", max_tokens=5)
     assert isinstance(after, DoneEvent) and engine.alive
@@ -191,7 +192,6 @@ async def test_a_seeded_long_prompt_is_prefilled_in_slices_while_another_stream_
         slices.append((ran, start, time.perf_counter()))
         return ran
 
-    monkeypatch.setattr(SingleStream, "prefill", timed)
     stream = engine.generate(GenerationRequest(model="m", prompt=engine.tokenizer.encode("keep streaming"), max_tokens=100_000))
     arrivals: list[float] = []
 
@@ -202,6 +202,7 @@ async def test_a_seeded_long_prompt_is_prefilled_in_slices_while_another_stream_
     watcher = asyncio.ensure_future(watch())
     while len(arrivals) < 3:
         await asyncio.sleep(0.01)
+    monkeypatch.setattr(SingleStream, "prefill", timed)  # the other stream (a lone one: single too) is past its prompt
     long_prompt = engine.tokenizer.encode(LONG * 40)
     assert len(long_prompt) > 500
     job = engine.generate(GenerationRequest(model="m", prompt=long_prompt, max_tokens=2, options=SEEDED))

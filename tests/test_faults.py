@@ -79,9 +79,10 @@ async def test_an_mlx_error_mid_stream_is_an_error_line_and_the_next_request_wor
     warm = await client.post("/api/generate", json={**body, "stream": False})
     assert warm.status == 200
 
-    from mlx_lm.generate import BatchGenerator
+    # A lone request decodes on its own single stream, not in the batch.
+    from mlx_server.engine.single import SingleStream
 
-    original = BatchGenerator.next
+    original = SingleStream.next
     calls = {"n": 0}
 
     def failing(self):
@@ -90,13 +91,13 @@ async def test_an_mlx_error_mid_stream_is_an_error_line_and_the_next_request_wor
             raise RuntimeError("[metal::malloc] Resource limit exceeded (simulated)")
         return original(self)
 
-    monkeypatch.setattr(BatchGenerator, "next", failing)
+    monkeypatch.setattr(SingleStream, "next", failing)
     response = await client.post("/api/generate", json=body)
     assert response.status == 200
     lines = [json.loads(x) for x in (await response.text()).splitlines()]
     assert lines[0]["done"] is False and "Resource limit exceeded" in lines[-1]["error"]
     assert all("error" not in x for x in lines[:-1])
-    monkeypatch.setattr(BatchGenerator, "next", original)
+    monkeypatch.setattr(SingleStream, "next", original)
     after = await client.post("/api/generate", json={**body, "stream": False})
     assert after.status == 200 and (await after.json())["done"] is True
     assert (await (await client.get("/health")).json())["models"][0]["active_requests"] == 0

@@ -7,7 +7,8 @@ queue of typed commands and get results back on their asyncio loop.
 One loop iteration: take new commands, evaluate one time-boxed chunk of a loading
 model's weights, one slice of an embedding job, then give every resident model with
 work one step (round-robin), so no model starves and no load stalls another
-model's streams for long.
+model's streams for long. When nothing else runs, one prompt cache waiting for the
+disk is saved (disk_tier.py).
 
 If the thread dies anyway (something escaped every per-sequence and per-batch
 guard), every live and queued job fails at once and `died()` returns, so the app
@@ -25,10 +26,12 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from ..disk_cache import DiskPromptCache, model_identity
 from ..errors import EngineDead, GenerationFailed
 from ..jobs import ErrorEvent, GenerationJob, GenerationRequest
 from . import libs
 from .commands import Command, Embed, Generate, Load, Stop, Unload, fail, resolve
+from .disk_tier import DiskTier
 from .embedding import Embedding, embedding_body
 from .faults import FATAL, generation_error
 from .loading import Loading, advance_load, start_load
@@ -48,16 +51,27 @@ class Engine:
     """Owns the MLX thread. Every public method is called from the event loop.
 
     `cache_limit_bytes`: MLX's buffer-cache limit (`mx.set_cache_limit`), set on the
-    thread when it starts; None leaves MLX's default.
+    thread when it starts; None leaves MLX's default. `disk_cache_gb` > 0 keeps
+    prompt caches in `disk_cache_dir` across unloads and restarts.
     """
 
-    def __init__(self, *, load_slice_seconds: float = LOAD_SLICE_SECONDS, cache_limit_bytes: int | None = None):
+    def __init__(
+        self,
+        *,
+        load_slice_seconds: float = LOAD_SLICE_SECONDS,
+        cache_limit_bytes: int | None = None,
+        disk_cache_gb: float = 0.0,
+        disk_cache_dir: Path | None = None,
+    ):
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._inbox_lock = threading.Lock()  # a command is queued only while the thread will take it
         self._closed: str | None = None  # why the inbox takes no more commands
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._load_slice = load_slice_seconds
         self._cache_limit = cache_limit_bytes
+        self._disk_cache_gb = disk_cache_gb if disk_cache_dir is not None else 0.0
+        self._disk_cache_dir = disk_cache_dir
+        self._disk: DiskPromptCache | None = None  # opened on the thread
         self._runners: dict[str, ModelRunner] = {}
         self._loads: list[Loading] = []
         self._embeddings: list[Embedding] = []
@@ -151,6 +165,7 @@ class Engine:
                 mx.set_wired_limit(limit)
             if self._cache_limit is not None:
                 mx.set_cache_limit(self._cache_limit)
+            self._disk = self._open_disk_cache()
             self._started.set()
             while not self._stopping:
                 self._take_commands()
@@ -161,6 +176,8 @@ class Engine:
                     if runner.busy():
                         runner.step(decoding)
                 self._outbox.flush()
+                if not self._working():
+                    self._save_one_prompt()
                 self._publish_stats()
             self._close_inbox("the engine has stopped")
         except BaseException as e:  # the thread must never die silently
@@ -174,8 +191,12 @@ class Engine:
                 libs.mx.synchronize()
                 libs.mx.clear_streams()
 
-    def _busy(self) -> bool:
+    def _working(self) -> bool:
         return bool(self._loads or self._embeddings) or any(r.busy() for r in self._runners.values())
+
+    def _busy(self) -> bool:
+        """Something to do this turn: the inbox is only polled, not waited on."""
+        return self._working() or any(r.disk is not None and r.disk.pending for r in self._runners.values())
 
     def _take_commands(self) -> None:
         block = not self._busy()
@@ -229,6 +250,33 @@ class Engine:
         self._embeddings.clear()
         self._stopping = True
 
+    # the disk prompt cache
+
+    def _open_disk_cache(self) -> DiskPromptCache | None:
+        if self._disk_cache_gb <= 0:
+            return None
+        try:
+            return DiskPromptCache(self._disk_cache_dir, int(self._disk_cache_gb * (1 << 30)))
+        except OSError as e:
+            log.error("disk prompt cache in %s cannot be used, running without it: %s", self._disk_cache_dir, e)
+            return None
+
+    def _disk_tier(self, name: str, path: Path, model: Any) -> DiskTier | None:
+        """This model's place in the disk cache, or None when it has no identity (files unreadable)."""
+        if self._disk is None:
+            return None
+        try:
+            return DiskTier(self._disk, model_identity(name, path, libs.lm_cache.make_prompt_cache(model)))
+        except OSError as e:
+            log.warning("disk prompt cache off for '%s': cannot read its files: %s", name, e)
+            return None
+
+    def _save_one_prompt(self) -> None:
+        for runner in self._runners.values():
+            if runner.disk is not None and runner.disk.pending:
+                runner.disk.save_one()
+                return
+
     # loading
 
     def _start_load(self, command: Load) -> None:
@@ -259,6 +307,7 @@ class Engine:
                 batch_size=command.batch_size,
                 prompt_cache_bytes=command.prompt_cache_bytes,
                 outbox=self._outbox,
+                disk=self._disk_tier(command.name, command.path, model),
             )
             self._runners[command.name] = runner
             self._publish_stats(force=True)
@@ -286,6 +335,8 @@ class Engine:
         if runner is not None:
             runner.close(GenerationFailed(f"model '{name}' was unloaded"))
             self._outbox.flush()
+            if runner.disk is not None:  # what waits for an idle turn is kept all the same
+                runner.disk.save_all()
             del runner
         return_memory()
         self._publish_stats(force=True)

@@ -1,5 +1,11 @@
 """One resident model's generation: its batch, its single streams, their failures.
 
+A lone request runs on a single stream (single.py), at mlx_lm's generate_step speed;
+when a second unseeded request arrives, the lone one moves into the model's
+BatchGenerator with its KV cache and its already-sampled token, and both go on
+batched. Seeded requests, and every request of a model whose caches cannot merge,
+keep single streams of their own.
+
 Each engine iteration gives every busy runner one `step`: one BatchGenerator step
 (a prefill slice and/or one token for each batched sequence), then one prefill slice
 or one token for each single stream. A failure fails only what it belongs to: a
@@ -18,6 +24,7 @@ from typing import Any
 from ..errors import GenerationFailed, MlxServerError
 from ..jobs import ErrorEvent, GenerationJob
 from . import libs
+from .disk_tier import DiskTier
 from .faults import FATAL, generation_error
 from .memory import cache_nbytes, return_memory
 from .outbox import Outbox
@@ -37,7 +44,18 @@ MIN_PREFILL_SLICE = 32
 
 
 class ModelRunner:
-    def __init__(self, name: str, model: Any, tokenizer: Any, *, weights_bytes: int, batch_size: int, prompt_cache_bytes: int, outbox: Outbox):
+    def __init__(
+        self,
+        name: str,
+        model: Any,
+        tokenizer: Any,
+        *,
+        weights_bytes: int,
+        batch_size: int,
+        prompt_cache_bytes: int,
+        outbox: Outbox,
+        disk: DiskTier | None = None,
+    ):
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -45,11 +63,15 @@ class ModelRunner:
         self.batch_size = batch_size
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.outbox = outbox
+        self.disk = disk  # prompt caches on disk, when the engine keeps them and this model has an identity
         self.batchable = all(hasattr(c, "merge") for c in libs.lm_cache.make_prompt_cache(model))
         self.batch: Any = None  # mlx_lm BatchGenerator, created on first use
         self.prefill_rate: float | None = None  # prompt tokens per second, measured
         self.in_batch: dict[int, Sequence] = {}
         self.single: list[Sequence] = []
+        self.lone: Sequence | None = None  # the unseeded single stream that moves into the batch when company comes
+        self.single_tokens = 0  # tokens decoded on each path (counters: they only go up)
+        self.batched_tokens = 0
 
     def busy(self) -> bool:
         return bool(self.in_batch or self.single)
@@ -61,7 +83,14 @@ class ModelRunner:
     def stats(self) -> ModelStats:
         kv = self.batch.prompt_cache_nbytes if self.batch is not None else 0
         kv += sum(cache_nbytes(s.stream.cache) for s in self.single)
-        return ModelStats(self.weights_bytes, self.prompt_cache.nbytes, len(self.in_batch) + len(self.single), kv)
+        return ModelStats(
+            self.weights_bytes,
+            self.prompt_cache.nbytes,
+            len(self.in_batch) + len(self.single),
+            kv,
+            single_tokens=self.single_tokens,
+            batched_tokens=self.batched_tokens,
+        )
 
     # -- starting a sequence ----------------------------------------------------
 
@@ -70,6 +99,10 @@ class ModelRunner:
         try:
             prompt = list(request.prompt)
             cache, rest = self.prompt_cache.fetch(prompt)
+            if self.disk is not None:
+                hit = self.disk.fetch(prompt, len(prompt) - len(rest))
+                if hit is not None:
+                    cache, rest = hit.cache, prompt[hit.reused :]
             processors = logits_processors(request)
             seq = Sequence(
                 job=job,
@@ -80,29 +113,69 @@ class ModelRunner:
                 processors=GuardedProcessors(processors) if processors else None,
                 logprobs=LogprobRecorder(self.tokenizer, request.logprobs) if request.logprobs is not None else None,
             )
-            sampler = sampler_for(request.options)
-            if self.batchable and request.options.seed is None:
-                batch = self.batch or self._new_batch()
-                (seq.uid,) = batch.insert(
-                    [rest],
-                    max_tokens=[request.max_tokens],
-                    caches=[cache],
-                    all_tokens=[prompt[: seq.cached]],
-                    samplers=[sampler],
-                    logits_processors=[[seq.processors] if seq.processors else []],
-                )
-                self.in_batch[seq.uid] = seq
+            movable = self.batchable and request.options.seed is None
+            if movable and (self.in_batch or self.lone is not None):
+                if self.lone is not None:
+                    with self._guard(self.lone):
+                        self._move_to_batch(self.lone)
+                self._insert_batched(seq, rest, cache, prompt[: seq.cached], request.max_tokens)
             else:
                 if seq.processors is not None and len(prompt) > 1:
                     seq.processors.prefix = libs.mx.array(prompt[:-1])  # the stream itself starts at the last token
                 cache = cache if cache is not None else libs.lm_cache.make_prompt_cache(self.model)
-                seq.stream = SingleStream(self.model, rest, cache, sampler, seq.processors, request.max_tokens)
+                seq.stream = SingleStream(self.model, rest, cache, sampler_for(request.options), seq.processors, request.max_tokens)
                 self.single.append(seq)
+                if movable:
+                    self.lone = seq
         except FATAL:
             raise
         except BaseException as e:
             log.exception("could not start generation on '%s'", self.name)
             self.outbox.emit(job, ErrorEvent(GenerationFailed(f"generation failed: {type(e).__name__}: {e}")))
+
+    def _insert_batched(self, seq: Sequence, rest: list[int], cache: list | None, held: list[int], max_tokens: int) -> None:
+        """`cache` holds the keys and values of `held` (None: nothing yet); `rest` still goes through the model."""
+        batch = self.batch or self._new_batch()
+        (seq.uid,) = batch.insert(
+            [rest],
+            max_tokens=[max_tokens],
+            caches=[cache],
+            all_tokens=[held],
+            samplers=[sampler_for(seq.job.request.options)],
+            logits_processors=[[seq.processors] if seq.processors else []],
+        )
+        self.in_batch[seq.uid] = seq
+
+    def _move_to_batch(self, seq: Sequence) -> None:
+        """The lone stream goes on in the batch from where it is, as if it had started there.
+
+        Mid-prompt, the rest of its prompt is prefilled there. Decoding, its cache holds
+        the prompt and every token handed out, and the token it sampled last is handed
+        out now: the batch feeds that token first (as it feeds a prompt's last token)
+        and samples the next one from it, so a greedy answer does not change.
+        """
+        stream: SingleStream = seq.stream
+        self.single.remove(seq)
+        self.lone = None
+        seq.stream = None
+        if seq.processors is not None:
+            seq.processors.prefix = None  # the batch gives processors the whole context itself
+        max_tokens = seq.job.request.max_tokens
+        if not stream.decoding:
+            rest = stream.pending + stream.last
+            self._insert_batched(seq, rest, stream.cache, seq.prompt[: len(seq.prompt) - len(rest)], max_tokens)
+            return
+        held = seq.prompt + seq.tokens
+        token, logprobs = stream.take_pending()
+        if seq.fault is not None:  # a processor failed while sampling that token
+            raise seq.fault
+        self.single_tokens += 1
+        finish = self._take_single(seq, token, logprobs)
+        if finish is not None:
+            self._keep_prompt(held, stream.cache)  # the last token was sampled, never fed
+            self.outbox.emit(seq.job, seq.done(finish))
+            return
+        self._insert_batched(seq, [token], stream.cache, held, max_tokens - len(seq.tokens))
 
     def _new_batch(self) -> Any:
         self.batch = libs.lm_generate.BatchGenerator(
@@ -159,6 +232,7 @@ class ModelRunner:
         for seq in [s for s in self.in_batch.values() if s.fault is not None]:
             self._fail(seq, seq.fault)
         eos_ids = self.tokenizer.eos_token_ids
+        self.batched_tokens += len(responses)
         for r in responses:
             seq = self.in_batch.get(r.uid)
             if seq is None:
@@ -206,17 +280,10 @@ class ModelRunner:
             if seq.fault is not None:
                 raise seq.fault
             if step is None:
-                finish, event = "length", None
+                finish = "length"
             else:
-                token, logprobs = step
-                finish = None
-                if token in self.tokenizer.eos_token_ids:
-                    finish = "stop"
-                elif len(seq.tokens) + 1 >= seq.job.request.max_tokens:
-                    finish = "length"
-                event, finish = seq.take(token, logprobs, finish, self.tokenizer.eos_token_ids)
-            if event is not None:
-                self.outbox.emit(seq.job, event)
+                self.single_tokens += 1
+                finish = self._take_single(seq, *step)
             if finish is not None:
                 self._drop_single(seq)
                 # The cache holds the prompt, the tokens and, when it ended on EOS, the EOS.
@@ -224,10 +291,24 @@ class ModelRunner:
                 self._keep_prompt(key, stream.cache)
                 self.outbox.emit(seq.job, seq.done(finish))
 
+    def _take_single(self, seq: Sequence, token: int, logprobs: Any) -> str | None:
+        """Hand out a single stream's token; returns why the sequence ended, if it did."""
+        finish = None
+        if token in self.tokenizer.eos_token_ids:
+            finish = "stop"
+        elif len(seq.tokens) + 1 >= seq.job.request.max_tokens:
+            finish = "length"
+        event, finish = seq.take(token, logprobs, finish, self.tokenizer.eos_token_ids)
+        if event is not None:
+            self.outbox.emit(seq.job, event)
+        return finish
+
     def _keep_prompt(self, tokens: list[int], cache: list) -> None:
         """The answer is complete whether or not its cache is kept: a failure here is only logged."""
         try:
             self.prompt_cache.insert(tokens, cache)
+            if self.disk is not None:
+                self.disk.queue(tokens, cache)
         except FATAL:
             raise
         except BaseException:
@@ -265,6 +346,8 @@ class ModelRunner:
             self.batch.remove([seq.uid])
 
     def _drop_single(self, seq: Sequence) -> None:
+        if seq is self.lone:
+            self.lone = None
         if seq in self.single:
             self.single.remove(seq)
             seq.stream.close()
@@ -287,6 +370,7 @@ class ModelRunner:
             seq.stream.close()
         self.in_batch.clear()
         self.single.clear()
+        self.lone = None
         if self.batch is not None:
             self.batch.close()
         self.batch = None

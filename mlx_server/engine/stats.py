@@ -17,6 +17,8 @@ class ModelStats:
     prompt_cache_bytes: int
     sequences: int
     kv_bytes: int = 0  # KV caches of the running sequences, as their caches count them
+    single_tokens: int = 0  # tokens decoded on single streams (a lone request, a seeded one), ever
+    batched_tokens: int = 0  # tokens decoded in the BatchGenerator, ever
 
 
 @dataclass(frozen=True, slots=True)
