@@ -19,12 +19,13 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import ModelConfig
-from ..errors import BadRequest, MlxServerError, UpstreamError, brief
+from ..errors import BadRequest, MlxServerError, RouteError, UpstreamError, brief
 from ..manager import ModelSnapshot, ModelState
 from ..options import GenerationOptions, merge_options, parse_options
-from ..prompts import chat_prompt, fim_prompt, text_prompt, validate_messages
+from ..prompts import THINK_LEVELS, capabilities, chat_prompt, fim_prompt, text_prompt, validate_messages
 from ..sources import SourceError, describe, locate, peek
 from ..structured import Constraint, json_grammar
+from ..tokenizer_cache import tokenizer_of
 from ..tools import THINKING, TOOL_CALL, Piece, ToolCall, collect, function_tools, pieces, template_tool_call
 from .common import (
     CONFIG,
@@ -76,7 +77,7 @@ def format_constraint(value: Any) -> Constraint | None:
     raise BadRequest(f"'format' must be \"json\" or a JSON schema object, got {brief(value)}", param="format")
 
 
-def think_with_format(think: bool | None, constraint: Constraint | None) -> bool | None:
+def think_with_format(think: bool | str | None, constraint: Constraint | None) -> bool | str | None:
     """A grammar shapes the whole output, so thinking is off when one is given."""
     if constraint is None:
         return think
@@ -185,7 +186,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     system = field(body, "system", str, "")
     raw = field(body, "raw", bool, False)
     stream = field(body, "stream", bool, True)
-    think = field(body, "think", (bool, str))
+    think = think_field(body)
     context = field(body, "context", list, [])
     keep_alive = keep_alive_field(body)
     if field(body, "images", list):
@@ -198,7 +199,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return await _load_or_unload(request, name, keep_alive, chat=False)
     options = request_options(request, model, body.get("options"))
     constraint = format_constraint(body.get("format"))
-    think = think_with_format(_think(think), constraint)
+    think = think_with_format(think, constraint)
 
     def build(tokenizer: Any) -> list[int]:
         if any(t >= len(tokenizer) for t in context):
@@ -216,9 +217,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
     return await _respond(request, spec, stream=stream, name=name, chat=False, constraint=constraint)
 
 
-def _think(value: bool | str | None) -> bool | None:
-    if isinstance(value, str):  # "low" / "medium" / "high": thinking on
-        return value.lower() not in ("", "false", "none")
+def think_field(body: dict[str, Any]) -> bool | str | None:
+    """`think`: true, false, or a level ("low", "medium", "high") that also turns thinking on."""
+    value = field(body, "think", (bool, str))
+    if isinstance(value, str) and value not in THINK_LEVELS:
+        raise BadRequest(f"'think' must be true, false or one of {', '.join(THINK_LEVELS)}, got {brief(value)}", param="think")
     return value
 
 
@@ -232,6 +235,8 @@ def chat_messages(raw: Any) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
         if m.get("tool_calls"):
             item["tool_calls"] = [_history_call(i, call) for call in m["tool_calls"]]
+        if m.get("thinking"):
+            item["thinking"] = m["thinking"]
         if m.get("tool_name"):
             if not isinstance(m["tool_name"], str):
                 raise BadRequest(f"'messages[{i}].tool_name' must be a string", param="messages")
@@ -251,7 +256,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     name, model = requested_model(request, body)
     stream = field(body, "stream", bool, True)
-    think = field(body, "think", (bool, str))
+    think = think_field(body)
     tools = function_tools(body.get("tools"))
     keep_alive = keep_alive_field(body)
     messages = chat_messages(field(body, "messages", list, []))
@@ -259,7 +264,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await _load_or_unload(request, name, keep_alive, chat=True)
     options = request_options(request, model, body.get("options"))
     constraint = format_constraint(body.get("format"))
-    think = think_with_format(_think(think), constraint)
+    think = think_with_format(think, constraint)
     spec = chat_spec(model.name, messages, options, keep_alive, tools=tools, think=think, constrain=constraint)
     return await _respond(request, spec, stream=stream, name=name, chat=True, tools=tools, constraint=constraint)
 
@@ -278,7 +283,7 @@ class Embedded:
 async def embed_inputs(
     request: web.Request,
     name: str,
-    inputs: list[str] | list[list[int]],
+    inputs: list[str],
     *,
     keep_alive: float | None,
     truncate: bool,
@@ -306,14 +311,12 @@ async def embed_inputs(
     return Embedded(vectors, tokens, lease.load_seconds, time.perf_counter() - started)
 
 
-def _embedding_ids(tokenizer: Any, inputs: list[str] | list[list[int]], limit: int, truncate: bool, param: str) -> list[list[int]]:
+def _embedding_ids(tokenizer: Any, inputs: list[str], limit: int, truncate: bool, param: str) -> list[list[int]]:
     batch = []
     for i, item in enumerate(inputs):
-        ids = text_prompt(tokenizer, item) if isinstance(item, str) else list(item)
+        ids = text_prompt(tokenizer, item)
         if not ids:
             raise BadRequest(f"'{param}[{i}]' is empty", param=param)
-        if any(t >= len(tokenizer) for t in ids):
-            raise BadRequest(f"'{param}[{i}]' holds a token id outside the model's vocabulary", param=param)
         if len(ids) > limit:
             if not truncate:
                 raise BadRequest(f"'{param}[{i}]' is {len(ids)} tokens, longer than the context length {limit} (truncate is off)", param=param)
@@ -469,7 +472,7 @@ def _show(model: ModelConfig, snap: ModelSnapshot) -> dict[str, Any]:
     parameters = "\n".join(
         f"{k} {json.dumps(v) if isinstance(v, str) else v}" for k, vs in model.options.items() for v in (vs if isinstance(vs, tuple) else (vs,))
     )
-    capabilities = ["completion"] + (["tools"] if "tools" in template else [])
+    tokenizer = tokenizer_of(model)
     return {
         "license": "",
         "modelfile": f"# mlx-server model\nFROM {model.source}\n" + "".join(f"PARAMETER {line}\n" for line in parameters.splitlines()),
@@ -477,7 +480,7 @@ def _show(model: ModelConfig, snap: ModelSnapshot) -> dict[str, Any]:
         "template": template,
         "details": details,
         "model_info": info,
-        "capabilities": capabilities,
+        "capabilities": capabilities(tokenizer) if tokenizer is not None else ["completion", "embedding"],
         "modified_at": rfc3339(os.path.getmtime(local.path) if local else None),
     }
 
@@ -516,6 +519,16 @@ async def pull(request: web.Request) -> web.StreamResponse:
     return web.json_response({"status": "success"})
 
 
+async def not_managed_here(request: web.Request) -> web.Response:
+    """Ollama's model-management routes: models here are what models.yaml lists."""
+    raise RouteError(
+        f"{request.method} {request.path} is not supported by mlx-server: models are configured in models.yaml "
+        "(name, source: a Hugging Face repo or a local MLX directory); edit it and restart the server, "
+        "or use /api/pull to fetch a configured model's files",
+        501,
+    )
+
+
 async def root(request: web.Request) -> web.Response:
     return web.Response(text="Ollama is running")
 
@@ -535,4 +548,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/embed", embed)
     app.router.add_post("/api/embeddings", embeddings)
     app.router.add_post("/api/pull", pull)
+    for path in ("/api/create", "/api/copy", "/api/push"):
+        app.router.add_post(path, not_managed_here)
+    app.router.add_delete("/api/delete", not_managed_here)
+    app.router.add_route("*", "/api/blobs/{digest}", not_managed_here)
 

@@ -344,17 +344,20 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(await _model_entry(request, request.app[MANAGER].resolve(name)))
 
 
-def _embedding_input(raw: Any) -> list[str] | list[list[int]]:
+def _embedding_input(raw: Any) -> list[str]:
+    """Text only: token ids (what tiktoken makes, e.g. LangChain's OpenAIEmbeddings by
+    default) belong to OpenAI's vocabulary, not this model's, and would embed garbage."""
     if isinstance(raw, str):
         raw = [raw]
-    elif isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
-        raw = [raw]
-    if isinstance(raw, list) and raw:
-        if all(isinstance(x, str) and x for x in raw):
-            return raw
-        if all(isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x) for x in raw):
-            return raw
-    raise BadRequest("'input' must be a non-empty string, array of strings, or array(s) of token ids", param="input")
+    if isinstance(raw, list) and raw and all(isinstance(x, str) and x for x in raw):
+        return raw
+    if isinstance(raw, list) and raw and all(isinstance(x, int) or isinstance(x, list) for x in raw):
+        raise BadRequest(
+            "'input' holds token ids; this server embeds text only, as ids from another tokenizer do not match its models: "
+            "send the text (LangChain OpenAIEmbeddings: check_embedding_ctx_length=False)",
+            param="input",
+        )
+    raise BadRequest("'input' must be a non-empty string or array of non-empty strings", param="input")
 
 
 async def embeddings(request: web.Request) -> web.Response:
