@@ -20,7 +20,7 @@ from ..jobs import DoneEvent
 from ..errors import BadRequest, MlxServerError, brief
 from ..options import GenerationOptions
 from ..prompts import chat_prompt, message_list, validate_messages
-from ..structured import Constraint, json_grammar
+from ..structured import Constraint, ToolCallConstraint, json_grammar, one_constraint
 from ..tools import CONTENT, THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, pieces, template_tool_call
 from .common import MANAGER, LineStream, chat_spec, completion, error_body, field, keep_alive_field, read_json, requested_model
 from .ollama import request_options, think_with_format
@@ -136,6 +136,20 @@ def output_constraint(raw: Any) -> Constraint | None:
     return Constraint(json_grammar(output_format["schema"], param="output_config.format.schema"))
 
 
+def forced_tool_call(choice: Any, tools: list[dict[str, Any]]) -> ToolCallConstraint | None:
+    """`tool_choice` {"type": "any"} or {"type": "tool", "name": ...}: the answer is one tool call."""
+    if choice is None:
+        return None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in ("auto", "none"):
+        return None
+    if kind == "any":
+        return ToolCallConstraint(tools, None)
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return ToolCallConstraint(tools, choice["name"])
+    raise BadRequest("'tool_choice' must be {\"type\": \"auto\" | \"any\" | \"none\"} or {\"type\": \"tool\", \"name\": ...}", param="tool_choice")
+
+
 def _thinking(raw: Any) -> bool | None:
     if raw is None:
         return None
@@ -244,7 +258,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     name = body["model"]
     stream = field(body, "stream", bool, False)
     options = anthropic_options(request, model, body)
-    constraint = output_constraint(body.get("output_config"))
+    forced = forced_tool_call(body.get("tool_choice"), tools)
+    constraint = one_constraint(output_constraint(body.get("output_config")), forced, "output_config")
     think = think_with_format(think, constraint)
     spec = chat_spec(model.name, chat, options, keep_alive_field(body), tools=tools, think=think, constrain=constraint)
     async with completion(request, spec) as c:

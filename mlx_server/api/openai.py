@@ -24,8 +24,8 @@ from ..jobs import DoneEvent, TextEvent
 from ..errors import BadRequest, MlxServerError
 from ..options import GenerationOptions
 from ..prompts import fim_prompt, message_list, text_prompt, validate_messages
-from ..structured import Constraint, json_grammar
-from ..tools import THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, function_tools, pieces, template_tool_call
+from ..structured import Constraint, json_grammar, one_constraint
+from ..tools import THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, function_tools, pieces, template_tool_call, tool_choice
 from .common import (
     CONFIG,
     MANAGER,
@@ -253,8 +253,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     include_usage = _stream_options(body, stream)
     refuse_unsupported(body)
     options = openai_options(request, model, body)
-    tools = [] if body.get("tool_choice") == "none" else function_tools(body.get("tools"))
-    constraint = response_format_constraint(body.get("response_format"))
+    tools, forced = tool_choice(body.get("tool_choice"), function_tools(body.get("tools")))
+    constraint = one_constraint(response_format_constraint(body.get("response_format")), forced, "response_format")
     think = think_with_format(None, constraint)
     spec = chat_spec(model.name, messages, options, keep_alive_field(body), tools=tools, think=think, constrain=constraint)
     async with completion(request, spec) as c:
