@@ -212,7 +212,7 @@ def chat_spec(
     keep_alive: float | None,
     *,
     tools: list[dict[str, Any]],
-    think: bool | None,
+    think: bool | str | None,
     constrain: Callable[[Any, int], Callable[[], Any]] | None,
 ) -> CompletionSpec:
     """A completion whose prompt is the model's chat template applied to `messages`."""
@@ -257,14 +257,20 @@ class Completion:
         return "".join(parts), self.done
 
 
+class PromptTooLong(BadRequest):
+    """The prompt fills the context; the numbers let an API word it its own way."""
+
+    def __init__(self, prompt_tokens: int, context: int):
+        super().__init__(f"prompt is {prompt_tokens} tokens but the context window is {context} tokens", param="num_ctx")
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+
+
 def token_budget(prompt_tokens: int, context: int, options: GenerationOptions) -> int:
     """How many tokens may be generated: num_predict, capped by what the context has left."""
     room = context - prompt_tokens
     if room <= 0:
-        raise BadRequest(
-            f"prompt is {prompt_tokens} tokens but the context window is {context} tokens",
-            param="num_ctx",
-        )
+        raise PromptTooLong(prompt_tokens, context)
     return room if options.num_predict < 0 else min(options.num_predict, room)
 
 
