@@ -10,7 +10,7 @@ from contextlib import suppress
 
 from aiohttp import web
 
-from .api import anthropic, ollama, openai, openapi, status
+from .api import anthropic, ollama, openai, openapi, responses, status
 from .api.common import (
     CONFIG,
     ENGINE,
@@ -43,7 +43,7 @@ def create_app(config: Config, *, probe: Callable[[], HostMemory] = read_host_me
     app = web.Application(client_max_size=int(server.max_body_mb * (1 << 20)), middlewares=middlewares)
     app[CONFIG] = config
     app[STARTED] = time.monotonic()
-    for module in (ollama, openai, anthropic, status, openapi):
+    for module in (ollama, openai, responses, anthropic, status, openapi):
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
     app[ENGINE] = Engine()

@@ -551,5 +551,6 @@ def add_routes(app: web.Application) -> None:
     for path in ("/api/create", "/api/copy", "/api/push"):
         app.router.add_post(path, not_managed_here)
     app.router.add_delete("/api/delete", not_managed_here)
-    app.router.add_route("*", "/api/blobs/{digest}", not_managed_here)
+    app.router.add_post("/api/blobs/{digest}", not_managed_here)
+    app.router.add_route("HEAD", "/api/blobs/{digest}", not_managed_here)
 
