@@ -203,6 +203,7 @@ class CompletionSpec:
     # (tokenizer, token budget) -> a factory the engine calls to build a logits processor
     # (structured output); runs in a worker thread, as building it can take a second
     constrain: Callable[[Any, int], Callable[[], Any]] | None = None
+    logprobs: int | None = None  # GenerationRequest.logprobs
 
 
 def chat_spec(
@@ -214,13 +215,14 @@ def chat_spec(
     tools: list[dict[str, Any]],
     think: bool | str | None,
     constrain: Callable[[Any, int], Callable[[], Any]] | None,
+    logprobs: int | None = None,
 ) -> CompletionSpec:
     """A completion whose prompt is the model's chat template applied to `messages`."""
 
     def build(tokenizer: Any) -> list[int]:
         return chat_prompt(tokenizer, messages, tools=tools, think=think)
 
-    return CompletionSpec(model, build, options, keep_alive, constrain=constrain)
+    return CompletionSpec(model, build, options, keep_alive, constrain=constrain, logprobs=logprobs)
 
 
 @dataclass(slots=True)
@@ -297,6 +299,7 @@ async def completion(request: web.Request, spec: CompletionSpec) -> AsyncIterato
                     max_tokens=max_tokens,
                     options=spec.options,
                     logits_processor=processor,
+                    logprobs=spec.logprobs,
                 )
             )
         result = Completion(lease, job, prompt, app[METRICS], started)

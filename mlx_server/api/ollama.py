@@ -20,6 +20,7 @@ from aiohttp import web
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import BadRequest, MlxServerError, RouteError, UpstreamError, brief
+from ..logprobs import LogprobTap, logprobs_request, ollama_logprobs
 from ..manager import ModelSnapshot, ModelState
 from ..options import GenerationOptions, merge_options, parse_options
 from ..prompts import THINK_LEVELS, capabilities, chat_prompt, fim_prompt, text_prompt, validate_messages
@@ -123,21 +124,27 @@ async def _respond(
     constraint: Constraint | None = None,
 ) -> web.StreamResponse:
     """Run the completion and answer as one object or as NDJSON lines."""
+    tap = LogprobTap()
+
+    def logprobs() -> dict[str, Any]:
+        """The tokens' logprobs since the last line, when the request asked for them."""
+        return {"logprobs": ollama_logprobs(tap.take())} if spec.logprobs is not None else {}
+
     async with completion(request, spec) as c:
         parser = c.output_parser(tools)
         if not stream:
-            reply = await collect(c.events(), parser)
+            reply = await collect(tap.tap(c.events()), parser)
             final = _final(c, name, chat, constraint)
-            final.update(answer_fields(chat, reply.content, reply.thinking, reply.calls))
+            final.update(answer_fields(chat, reply.content, reply.thinking, reply.calls) | logprobs())
             return web.json_response(final)
         out = LineStream(request)
         calls = 0
         try:
-            async for item in pieces(c.events(), parser):
+            async for item in pieces(tap.tap(c.events()), parser):
                 if isinstance(item, Piece):
-                    await out.send({"model": name, "created_at": rfc3339(), **piece_fields(chat, item, calls), "done": False})
+                    await out.send({"model": name, "created_at": rfc3339(), **piece_fields(chat, item, calls), **logprobs(), "done": False})
                     calls += item.kind == TOOL_CALL
-            await out.send(_final(c, name, chat, constraint) | answer_fields(chat, "", "", []))
+            await out.send(_final(c, name, chat, constraint) | answer_fields(chat, "", "", []) | logprobs())
         except MlxServerError as e:
             if not out.started:
                 raise
@@ -213,7 +220,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
             ids = chat_prompt(tokenizer, messages, think=think)
         return list(context) + ids
 
-    spec = CompletionSpec(model.name, build, options, keep_alive, constrain=constraint)
+    logprobs = logprobs_request(body.get("logprobs"), body.get("top_logprobs"))
+    spec = CompletionSpec(model.name, build, options, keep_alive, constrain=constraint, logprobs=logprobs)
     return await _respond(request, spec, stream=stream, name=name, chat=False, constraint=constraint)
 
 
@@ -265,7 +273,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     options = request_options(request, model, body.get("options"))
     constraint = format_constraint(body.get("format"))
     think = think_with_format(think, constraint)
-    spec = chat_spec(model.name, messages, options, keep_alive, tools=tools, think=think, constrain=constraint)
+    logprobs = logprobs_request(body.get("logprobs"), body.get("top_logprobs"))
+    spec = chat_spec(model.name, messages, options, keep_alive, tools=tools, think=think, constrain=constraint, logprobs=logprobs)
     return await _respond(request, spec, stream=stream, name=name, chat=True, tools=tools, constraint=constraint)
 
 

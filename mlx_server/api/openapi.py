@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import Config
+from ..logprobs import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS
 from ..options import MAX_CONTEXT, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
 from ..prompts import MAX_MESSAGES, THINK_LEVELS
 from .common import CONFIG, MAX_MODEL_NAME, NDJSON
@@ -150,7 +151,13 @@ def get(family: str, summary: str, ok: dict[str, Schema], codes: tuple[int, ...]
 
 def ollama_paths(model: Schema) -> dict[str, Any]:
     common = {"model": model, "keep_alive": KEEP_ALIVE, "options": OPTIONS}
-    generation = {"format": one_of({"enum": ["json", ""]}, ANY_OBJECT), "think": {"type": ["boolean", "string"]}, "stream": BOOLEAN}
+    generation = {
+        "format": one_of({"enum": ["json", ""]}, ANY_OBJECT),
+        "think": one_of(BOOLEAN, {"enum": list(THINK_LEVELS)}),
+        "stream": BOOLEAN,
+        "logprobs": BOOLEAN,
+        "top_logprobs": integer(0, MAX_TOP_LOGPROBS) | {"description": "needs logprobs: true"},
+    }
     message = obj(
         ("role",),
         role={"enum": ["system", "user", "assistant", "tool"]},
@@ -273,7 +280,6 @@ def openai_paths(model: Schema) -> dict[str, Any]:
         "max_tokens": MAX_TOKENS,
         "max_completion_tokens": MAX_TOKENS,
         "n": {"const": 1},
-        "logprobs": {"enum": [False, None]},
         "keep_alive": KEEP_ALIVE,
         **SAMPLING,
     }
@@ -306,6 +312,8 @@ def openai_paths(model: Schema) -> dict[str, Any]:
                     tools=FUNCTION_TOOLS,
                     tool_choice={"type": ["string", "object"]},
                     response_format=response_format,
+                    logprobs={"type": ["boolean", "null"]},
+                    top_logprobs=integer(0, MAX_TOP_LOGPROBS) | {"description": "needs logprobs: true"},
                     **common,
                 )
                 | streamed,
@@ -322,6 +330,7 @@ def openai_paths(model: Schema) -> dict[str, Any]:
                     suffix=STRING,
                     echo=BOOLEAN,
                     best_of={"const": 1},
+                    logprobs={"type": ["integer", "null"], "minimum": 0, "maximum": MAX_COMPLETION_LOGPROBS},
                     **common,
                 )
                 | streamed,
