@@ -265,7 +265,7 @@ def route_cases() -> list[Bad]:
         cases += [
             Bad(path, {"model": "demo", "max_tokens": 4}, ("'messages'",)),
             Bad(path, {**base, "messages": []}, ("'messages'", "non-empty")),
-            Bad(path, {**base, "messages": [{"role": "system", "content": "x"}]}, ("'messages[0].role'",)),
+            Bad(path, {**base, "messages": [{"role": "developer", "content": "x"}]}, ("'messages[0].role'",)),
             Bad(path, {**base, "messages": [{"role": "user", "content": 5}]}, ("'messages[0].content'",)),
             Bad(path, {**base, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, ("'messages[0].content[0]'", "image")),
             Bad(path, {**base, "messages": [{"role": "user", "content": [{"type": "bogus"}]}]}, ("'messages[0].content[0].type'",)),

@@ -358,9 +358,10 @@ async def count_tokens(request: web.Request) -> web.Response:
     """
     body = await read_json(request)
     model, chat, tools, think = _request(request, body)
+    keep_alive = keep_alive_field(body)
     tokenizer = await model_tokenizer(model)
     if tokenizer is None:
-        async with request.app[MANAGER].lease(model.name, keep_alive=keep_alive_field(body)) as lease:
+        async with request.app[MANAGER].lease(model.name, keep_alive=keep_alive) as lease:
             tokenizer = lease.tokenizer
     ids = await asyncio.to_thread(chat_prompt, tokenizer, chat, tools=tools, think=think)
     return web.json_response({"input_tokens": len(ids)})
