@@ -170,11 +170,10 @@ class Constraint:
         return lambda: _GrammarProcessor(self, matcher, vocabulary, budget)
 
 
-def one_constraint(output: Constraint | None, forced: Constraint | None, output_param: str) -> Constraint | None:
-    """A forced tool call and a structured output format cannot both shape the answer."""
-    if output is not None and forced is not None:
-        raise BadRequest(f"'{output_param}' cannot be combined with a 'tool_choice' that forces a tool call", param="tool_choice")
-    return output or forced
+def one_constraint(output: Constraint | None, forced: Constraint | None) -> Constraint | None:
+    """A forced tool call leaves no text for an output format to shape, so it wins
+    (the Agents SDK sends both: the format applies once tool_choice is reset)."""
+    return forced or output
 
 
 JSON_TOOL_PARSER = "mlx_lm.tool_parsers.json_tools"  # `<tool_call>{"name", "arguments"}</tool_call>` (Qwen, Hermes)
@@ -263,14 +262,15 @@ class _GrammarProcessor:
         allowed = np.unpackbits(self.bitmask[0].view(np.uint8), bitorder="little")[:size].astype(bool)
         if self.generated < self.closing_from:
             return allowed
-        # Out of budget soon: end if the JSON is complete, else prefer what closes it.
-        self.constraint.closed_early = True
+        # Out of budget soon: end if the JSON is complete, else prefer what closes it
+        # (an answer steered that way was cut short: the caller reports "length").
         if self.matcher.is_accepting():
             return self.vocabulary.eos
         v = self.vocabulary
         for preferred in (v.quote_closers,) if self.in_string else (v.closers, v.cheap):
             narrowed = allowed & preferred
             if narrowed.any():
+                self.constraint.closed_early |= bool((narrowed != allowed).any())
                 return narrowed
         return allowed
 

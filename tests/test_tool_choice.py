@@ -80,7 +80,6 @@ async def test_anthropic_tool_choice_forces_a_tool_use_block(client, choice):
     [
         ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, "no tools were given"),
         ("/v1/chat/completions", {"messages": USER, "tools": [WEATHER], "tool_choice": "sometimes"}, "'tool_choice' must be"),
-        ("/v1/chat/completions", {"messages": USER, "tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
         ("/v1/messages", {"max_tokens": 5, "messages": USER, "tool_choice": {"type": "any"}}, "no tools were given"),
         ("/v1/messages", {"max_tokens": 5, "messages": USER, "tools": [{"name": "t"}], "tool_choice": {"type": "tool", "name": "u"}}, "'u'"),
         ("/v1/messages", {"max_tokens": 5, "messages": USER, "tools": [{"name": "t"}], "tool_choice": {"type": "maybe"}}, "'tool_choice' must be"),

@@ -309,7 +309,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     stream = field(body, "stream", bool, False)
     options = anthropic_options(request, model, body)
     forced = forced_tool_call(body.get("tool_choice"), tools)
-    constraint = one_constraint(output_constraint(body.get("output_config")), forced, "output_config")
+    constraint = one_constraint(output_constraint(body.get("output_config")), forced)
     think = think_with_format(think, constraint)
     spec = chat_spec(model.name, chat, options, keep_alive_field(body), tools=tools, think=think, constrain=constraint)
     async with anthropic_completion(request, spec) as c:

@@ -252,7 +252,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     refuse_unsupported(body)
     options = openai_options(request, model, body)
     tools, forced = tool_choice(body.get("tool_choice"), function_tools(body.get("tools")))
-    constraint = one_constraint(response_format_constraint(body.get("response_format")), forced, "response_format")
+    constraint = one_constraint(response_format_constraint(body.get("response_format")), forced)
     think = think_with_format(None, constraint)
     wanted = logprobs_request(body.get("logprobs"), body.get("top_logprobs"))
     spec = chat_spec(model.name, messages, options, keep_alive_field(body), tools=tools, think=think, constrain=constraint, logprobs=wanted)

@@ -234,7 +234,7 @@ def parse_request(request: web.Request, body: dict[str, Any]) -> ResponseRequest
     instructions = field(body, "instructions", str)
     tools, warnings = response_tools(body.get("tools"))
     tools, forced = tool_choice(body.get("tool_choice"), tools)
-    constraint = one_constraint(text_constraint(body.get("text")), forced, "text.format")
+    constraint = one_constraint(text_constraint(body.get("text")), forced)
     think = reasoning_think(body.get("reasoning"))
     if constraint is not None:
         think = False  # a grammar shapes the whole output; the effort is a hint, not a demand
