@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -300,7 +301,7 @@ def test_pydantic_ai_structured_output_and_tools(live):
 
 
 def test_llm_ollama_chat_and_embed(live, tmp_path):
-    binary = shutil.which("llm", path=os.path.dirname(os.sys.executable))
+    binary = shutil.which("llm", path=os.path.dirname(sys.executable))
     if binary is None:
         pytest.skip("the `llm` command is not installed (pip install llm llm-ollama)")
     env = os.environ | {"LLM_USER_PATH": str(tmp_path), "OLLAMA_HOST": live.url}
