@@ -11,7 +11,7 @@ from contextlib import suppress
 
 from aiohttp import web
 
-from .api import anthropic, ollama, openai, openapi, status
+from .api import anthropic, ollama, openai, openapi, responses, status
 from .api.common import (
     CONFIG,
     ENGINE,
@@ -62,7 +62,7 @@ def create_app(
     app = web.Application(client_max_size=int(server.max_body_mb * (1 << 20)), middlewares=middlewares)
     app[CONFIG] = config
     app[STARTED] = time.monotonic()
-    for module in (ollama, openai, anthropic, status, openapi):
+    for module in (ollama, openai, responses, anthropic, status, openapi):
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
     memory = config.memory

@@ -68,9 +68,13 @@ def _integer(name: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
+def _seed(value: Any) -> int | None:
+    """Ollama's seed: -1 asks for a random one (None: the sampler's own randomness)."""
+    seed = _integer("seed", value, -(1 << 63), (1 << 64) - 1)
+    return None if seed == -1 else seed
+
+
 def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
@@ -87,14 +91,14 @@ _VALIDATORS = {
     "top_p": lambda v: _number("top_p", v, 0.0, 1.0),
     "top_k": lambda v: _integer("top_k", v, 0, 1 << 31),
     "min_p": lambda v: _number("min_p", v, 0.0, 1.0),
-    "seed": lambda v: None if v is None else _integer("seed", v, -(1 << 63), (1 << 64) - 1),
-    "num_predict": lambda v: -1 if v is None else _integer("num_predict", v, -2, MAX_CONTEXT),
+    "seed": lambda v: _seed(v),
+    "num_predict": lambda v: _integer("num_predict", v, -2, MAX_CONTEXT),
     "stop": _stop,
     "repeat_penalty": lambda v: _number("repeat_penalty", v, 0.0, 100.0),
     "repeat_last_n": lambda v: _integer("repeat_last_n", v, -1, MAX_CONTEXT),
     "presence_penalty": lambda v: _number("presence_penalty", v, -100.0, 100.0),
     "frequency_penalty": lambda v: _number("frequency_penalty", v, -100.0, 100.0),
-    "num_ctx": lambda v: None if v is None else _integer("num_ctx", v, 1, MAX_CONTEXT),
+    "num_ctx": lambda v: _integer("num_ctx", v, 1, MAX_CONTEXT),
 }
 
 
@@ -102,7 +106,8 @@ def parse_options(raw: Any, *, strict: bool = False) -> dict[str, Any]:
     """Validate an `options` mapping and keep the options this server acts on.
 
     `strict` (models.yaml) refuses names Ollama does not know, to catch typos;
-    requests, like Ollama's, ignore unknown names.
+    requests, like Ollama's, ignore unknown names. A null value is skipped, as
+    Ollama skips it (LangChain sends every unset option as null).
     """
     if raw is None:
         return {}
@@ -110,6 +115,8 @@ def parse_options(raw: Any, *, strict: bool = False) -> dict[str, Any]:
         raise BadRequest("'options' must be an object", param="options")
     parsed: dict[str, Any] = {}
     for name, value in raw.items():
+        if value is None:
+            continue
         if name in _VALIDATORS:
             parsed[name] = _VALIDATORS[name](value)
         elif strict and name not in OLLAMA_OPTION_NAMES:

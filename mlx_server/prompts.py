@@ -2,7 +2,12 @@
 
 Runs in a worker thread (jinja templates and tokenizers are CPU work, not MLX).
 Every API converts its messages to one internal shape first:
-`{"role", "content", "tool_calls"?, "tool_call_id"?, "name"?}`.
+`{"role", "content", "tool_calls"?, "tool_call_id"?, "name"?, "thinking"?}`.
+
+A system message after the first one (Anthropic's mid-conversation system
+messages, OpenAI's developer turns) is rendered at its place when the chat template
+accepts it there; a template that refuses it gets it folded into the leading
+system prompt instead.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from .errors import BadRequest
 from .errors import brief
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
+THINK_LEVELS = ("low", "medium", "high")  # Ollama's `think` strings; templates read `reasoning_effort`
 FIM_MARKERS = (
     ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, DeepSeek
     ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, Codestral-style
@@ -43,7 +49,7 @@ def validate_messages(messages: Any, *, field: str = "messages") -> list[dict[st
             raise BadRequest(f"'{field}[{i}].role' must be one of {', '.join(sorted(ROLES))}, got {brief(role)}", param=field)
         if not isinstance(m.get("content", ""), (str, type(None))):  # null reads as "", as Ollama reads it
             raise BadRequest(f"'{field}[{i}].content' must be a string", param=field)
-        for key in ("name", "tool_call_id"):
+        for key in ("name", "tool_call_id", "thinking"):
             if not isinstance(m.get(key, ""), str):
                 raise BadRequest(f"'{field}[{i}].{key}' must be a string", param=field)
         if not isinstance(m.get("tool_calls", []), list):
@@ -51,8 +57,12 @@ def validate_messages(messages: Any, *, field: str = "messages") -> list[dict[st
     return messages
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], *, tools: list[Any] | None = None, think: bool | None = None) -> list[int]:
-    """The model's chat template with a generation prompt, as token ids."""
+def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], *, tools: list[Any] | None = None, think: bool | str | None = None) -> list[int]:
+    """The model's chat template with a generation prompt, as token ids.
+
+    `think` is on/off, or a level from THINK_LEVELS: thinking on, and the level
+    passed as `reasoning_effort` to templates that read it (gpt-oss).
+    """
     if tools and not supports_tools(tokenizer):
         raise BadRequest("this model's chat template does not support tools", param="tools")
     if not getattr(tokenizer, "has_chat_template", False):
@@ -62,9 +72,18 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], *, tools: list[A
     if tools:
         kwargs["tools"] = tools
     if think is not None:
-        kwargs["enable_thinking"] = think
+        kwargs["enable_thinking"] = bool(think)
+    if isinstance(think, str):
+        kwargs["reasoning_effort"] = think
+    history = [_history_message(m) for m in messages]
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+        try:
+            ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True, **kwargs)
+        except TemplateError:
+            folded = fold_system_messages(history)
+            if folded == history:
+                raise
+            ids = tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=True, **kwargs)
     except TemplateError as e:
         raise BadRequest(f"the model's chat template rejected these messages: {e}", param="messages") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # the template tripped on their shape
@@ -72,6 +91,22 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], *, tools: list[A
     if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def _history_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Earlier reasoning under both names templates read it by (gpt-oss: `thinking`,
+    Qwen3 and DeepSeek: `reasoning_content`)."""
+    if message.get("thinking"):
+        return {"reasoning_content": message["thinking"], **message}
+    return message
+
+
+def fold_system_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Later system messages joined into one leading system message, for templates
+    that accept a system message only at the start."""
+    system = [m["content"] for m in messages if m["role"] == "system" and m.get("content")]
+    rest = [m for m in messages if m["role"] != "system"]
+    return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
 
 
 def supports_tools(tokenizer: Any) -> bool:
@@ -96,3 +131,26 @@ def fim_prompt(tokenizer: Any, prefix: str, suffix: str, model: str) -> list[int
         if pre in vocab and suf in vocab and mid in vocab:
             return text_prompt(tokenizer, f"{pre}{prefix}{suf}{suffix}{mid}")
     raise BadRequest(f"model '{model}' does not support insert ('suffix' needs fill-in-the-middle tokens)", param="suffix")
+
+
+def supports_thinking(tokenizer: Any) -> bool:
+    """The model has think markers (mlx_lm found them) or its template switches thinking."""
+    template = getattr(tokenizer, "chat_template", None)
+    sources = template.values() if isinstance(template, dict) else [template]
+    return bool(getattr(tokenizer, "has_thinking", False)) or any(isinstance(t, str) and "enable_thinking" in t for t in sources)
+
+
+def supports_insert(tokenizer: Any) -> bool:
+    """The vocabulary has one of the fill-in-the-middle marker sets `fim_prompt` uses."""
+    vocab = tokenizer.get_vocab()
+    return any(all(m in vocab for m in markers) for markers in FIM_MARKERS)
+
+
+def capabilities(tokenizer: Any) -> list[str]:
+    """What /api/show lists: every model completes and embeds (mean-pooled hidden
+    states); tools, thinking and insert depend on the template and vocabulary."""
+    found = ["completion"]
+    found += ["tools"] if supports_tools(tokenizer) else []
+    found += ["thinking"] if supports_thinking(tokenizer) else []
+    found += ["insert"] if supports_insert(tokenizer) else []
+    return found + ["embedding"]

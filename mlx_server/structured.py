@@ -15,6 +15,7 @@ end of the token budget the processor steers towards closing the JSON, so a
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 from collections.abc import Callable
@@ -152,17 +153,79 @@ class Constraint:
         self.grammar = grammar
         self.closed_early = False
 
+    def grammar_for(self, tokenizer: Any) -> str:
+        return self.grammar
+
     def __call__(self, tokenizer: Any, budget: int) -> Callable[[], Callable[[Any, Any], Any]]:
         """Build the matcher for `budget` tokens (tokenizer tables are cached); the engine calls the result.
 
         Runs in a worker thread: the first call per tokenizer builds llguidance's tables.
         """
+        grammar = self.grammar_for(tokenizer)
         vocabulary = _vocabulary(tokenizer)
         with _panics_as("the grammar could not be built for this model's tokenizer"):
-            matcher = llguidance.LLMatcher(vocabulary.lltokenizer, self.grammar, log_level=0)
+            matcher = llguidance.LLMatcher(vocabulary.lltokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise BadRequest(f"the grammar does not fit this model's tokenizer: {matcher.get_error()}")
         return lambda: _GrammarProcessor(self, matcher, vocabulary, budget)
+
+
+def one_constraint(output: Constraint | None, forced: Constraint | None) -> Constraint | None:
+    """A forced tool call leaves no text for an output format to shape, so it wins
+    (the Agents SDK sends both: the format applies once tool_choice is reset)."""
+    return forced or output
+
+
+JSON_TOOL_PARSER = "mlx_lm.tool_parsers.json_tools"  # `<tool_call>{"name", "arguments"}</tool_call>` (Qwen, Hermes)
+
+
+class ToolCallConstraint(Constraint):
+    """`tool_choice` "required" or a named function: the output is exactly one call.
+
+    The call's JSON ({"name": one of the tools, "arguments": that tool's schema}) is
+    checked when the request is parsed; the markers around it are the model's own,
+    known once the tokenizer is, so the full grammar is built then. Models whose tool
+    calls are JSON between markers are served; other formats get a 400.
+    """
+
+    def __init__(self, tools: list[dict[str, Any]], name: str | None, *, param: str = "tool_choice"):
+        functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+        if not functions:
+            if name is None:
+                raise BadRequest(f"'{param}' asks for a tool call but no tools were given", param=param)
+            raise BadRequest(f"'{param}' names the tool {brief(name)}, which is not among the request's tools", param=param)
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+                "required": ["name", "arguments"],
+            }
+            for f in functions
+        ]
+        self.schema = closed_objects(calls[0] if len(calls) == 1 else {"anyOf": calls})
+        json_grammar(self.schema, param=param)  # a bad tool schema is a 400 now, before any model loads
+        self.param = param
+        super().__init__("")
+
+    def grammar_for(self, tokenizer: Any) -> str:
+        parser = getattr(tokenizer, "tool_parser", None)
+        if not getattr(tokenizer, "has_tool_calling", False) or getattr(parser, "__module__", None) != JSON_TOOL_PARSER:
+            raise BadRequest(
+                f"'{self.param}' can force a tool call only for models whose tool calls are JSON between markers "
+                f"(<tool_call>...</tool_call>); this model's format is {getattr(parser, '__module__', 'unknown')}",
+                param=self.param,
+            )
+        body = json.dumps(self.schema | {"x-guidance": JSON_OPTIONS})
+        start, end = _lark_marker(tokenizer, tokenizer.tool_call_start), _lark_marker(tokenizer, tokenizer.tool_call_end)
+        with _panics_as("the tool-call grammar could not be built", self.param):
+            return llguidance.LLMatcher.grammar_from_lark(f'start: {start} "\\n" call "\\n" {end}\ncall: %json {body}')
+
+
+def _lark_marker(tokenizer: Any, marker: str) -> str:
+    """A marker in llguidance's Lark: by token id when it is one token (a special token
+    never matches its text spelled out), else as its text."""
+    ids = tokenizer.encode(marker, add_special_tokens=False)
+    return f"<[{ids[0]}]>" if len(ids) == 1 else json.dumps(marker)
 
 
 class _GrammarProcessor:
@@ -199,14 +262,15 @@ class _GrammarProcessor:
         allowed = np.unpackbits(self.bitmask[0].view(np.uint8), bitorder="little")[:size].astype(bool)
         if self.generated < self.closing_from:
             return allowed
-        # Out of budget soon: end if the JSON is complete, else prefer what closes it.
-        self.constraint.closed_early = True
+        # Out of budget soon: end if the JSON is complete, else prefer what closes it
+        # (an answer steered that way was cut short: the caller reports "length").
         if self.matcher.is_accepting():
             return self.vocabulary.eos
         v = self.vocabulary
         for preferred in (v.quote_closers,) if self.in_string else (v.closers, v.cheap):
             narrowed = allowed & preferred
             if narrowed.any():
+                self.constraint.closed_early |= bool((narrowed != allowed).any())
                 return narrowed
         return allowed
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from .text import partial_marker
 from .jobs import DoneEvent, TextEvent
-from .errors import BadRequest
+from .errors import BadRequest, brief
+from .structured import ToolCallConstraint
 
 CONTENT = "content"
 THINKING = "thinking"
@@ -55,6 +56,25 @@ def function_tools(raw: Any, *, param: str = "tools") -> list[dict[str, Any]]:
             raise BadRequest(f"'{param}[{i}].function.parameters' must be a JSON schema object", param=param)
         tools.append({**tool, "type": "function"})
     return tools
+
+
+def tool_choice(choice: Any, tools: list[dict[str, Any]], *, param: str = "tool_choice") -> tuple[list[dict[str, Any]], ToolCallConstraint | None]:
+    """OpenAI's `tool_choice` (chat and Responses shapes) -> the tools the prompt shows
+    and, for "required" or a named function, the constraint that forces one call."""
+    if choice is None or choice == "auto":
+        return tools, None
+    if choice == "none":
+        return [], None
+    if choice == "required":
+        return tools, ToolCallConstraint(tools, None, param=param)
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function") if isinstance(choice.get("function"), dict) else choice  # chat | Responses
+        if isinstance(function.get("name"), str):
+            return tools, ToolCallConstraint(tools, function["name"], param=param)
+    raise BadRequest(
+        f"'{param}' must be 'auto', 'none', 'required' or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {brief(choice)}",
+        param=param,
+    )
 
 
 def new_call_id() -> str:

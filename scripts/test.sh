@@ -7,6 +7,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ensure_venv test
+"$ROOT/scripts/install_clients.sh" || echo "warning: without Claude Code and Codex their compat tests skip" >&2
 "$ROOT/scripts/install_prometheus.sh" || echo "warning: without prometheus the live metrics tests skip" >&2
 export HF_HUB_OFFLINE=1
 cd "$ROOT"

@@ -107,7 +107,7 @@ def test_an_unknown_model_is_404_in_anthropics_error_shape(client, live):
     [
         ({"messages": HELLO}, "'max_tokens' is required"),
         ({"max_tokens": 0, "messages": HELLO}, "'max_tokens' must be at least 1"),
-        ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "'messages[0].role'"),
+        ({"max_tokens": 5, "messages": [{"role": "developer", "content": "x"}]}, "'messages[0].role'"),
         ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "text only"),
         ({"max_tokens": 5, "messages": HELLO, "system": 5}, "'system' must be a string"),
         ({"max_tokens": 5, "messages": HELLO, "thinking": {"type": "sometimes"}}, "'thinking.type'"),

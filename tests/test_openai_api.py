@@ -142,7 +142,7 @@ def test_an_unknown_model_is_404_in_openais_error_shape(client, live):
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text only"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "'messages[0].role'"),
         ({"stream_options": {"include_usage": True}}, "'stream_options' is only allowed"),
-        ({"logprobs": True}, "'logprobs' is not supported"),
+        ({"top_logprobs": 3}, "'top_logprobs' needs 'logprobs': true"),
     ],
 )
 def test_bad_requests_are_400s_that_name_what_is_wrong(client, extra, fragment):

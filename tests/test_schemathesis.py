@@ -26,7 +26,7 @@ pytestmark = pytest.mark.live
 
 CONTEXT = 64  # tokens: a fuzzed request that generates stops within a fraction of a second
 EXAMPLES = 10  # per operation and phase
-OPERATIONS = 23
+OPERATIONS = 24
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_headers_conformance", "response_schema_conformance")
 
 
@@ -39,8 +39,11 @@ def live(tmp_path_factory, test_model):
 
 def aimed(document: dict) -> dict:
     """The served document, with `model` narrowed to the configured one (and one unknown
-    name) so fuzzed requests reach the model instead of stopping at a 404."""
+    name) so fuzzed requests reach the model instead of stopping at a 404. The routes
+    that always answer 501 (models.yaml manages models; tests/test_client_fixes.py)
+    are left out: schemathesis counts every 5xx as a server error."""
     document = copy.deepcopy(document)
+    document["paths"] = {p: ops for p, ops in document["paths"].items() if not any("501" in op["responses"] for op in ops.values())}
     for path, operations in document["paths"].items():
         for operation in operations.values():
             body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")

@@ -4,6 +4,13 @@ The same pipeline as every API (leases, admission, metrics). Anthropic's content
 blocks map onto the internal message shape (tool_use -> tool_calls, tool_result ->
 tool messages), and the answer goes back as text, thinking and tool_use blocks,
 streamed as Anthropic's named SSE events.
+
+A `{"role": "system"}` message inside `messages` (Claude Code sends them) is a
+system turn at its place where the model's chat template accepts one there; where
+the template refuses it, it is folded into the system prompt (prompts.chat_prompt).
+A stream sends `ping` events while the prompt prefills, so the client never waits
+in silence, and a prompt longer than the context gets Anthropic's own wording, so
+Claude Code compacts its history.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -20,9 +29,10 @@ from ..jobs import DoneEvent
 from ..errors import BadRequest, MlxServerError, brief
 from ..options import GenerationOptions
 from ..prompts import chat_prompt, message_list, validate_messages
-from ..structured import Constraint, json_grammar
+from ..structured import Constraint, ToolCallConstraint, json_grammar, one_constraint
 from ..tools import CONTENT, THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, pieces, template_tool_call
-from .common import MANAGER, LineStream, chat_spec, completion, error_body, field, keep_alive_field, read_json, requested_model
+from ..tokenizer_cache import model_tokenizer
+from .common import MANAGER, Completion, CompletionSpec, LineStream, PromptTooLong, chat_spec, completion, error_body, field, keep_alive_field, read_json, requested_model
 from .ollama import request_options, think_with_format
 
 # --- parameters --------------------------------------------------------------------
@@ -53,6 +63,12 @@ def system_text(raw: Any) -> str:
     if not isinstance(raw, list):
         raise BadRequest("'system' must be a string or an array of text blocks", param="system")
     return "\n\n".join(_block_text(b, f"system[{i}]") for i, b in enumerate(raw))
+
+
+def _system_blocks(content: Any, where: str) -> str:
+    if not isinstance(content, list):
+        raise BadRequest(f"'{where}.content' must be a string or an array of text blocks", param="messages")
+    return "\n\n".join(_block_text(b, f"{where}.content[{j}]") for j, b in enumerate(content))
 
 
 def anthropic_tools(raw: Any, tool_choice: Any) -> list[dict[str, Any]]:
@@ -91,9 +107,12 @@ def anthropic_messages(raw: Any, system: str) -> list[dict[str, Any]]:
     for i, m in enumerate(message_list(raw, empty=False)):
         where = f"messages[{i}]"
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in ("user", "assistant"):
-            raise BadRequest(f"'{where}.role' must be 'user' or 'assistant', got {brief(role)}", param="messages")
+        if role not in ("user", "assistant", "system"):
+            raise BadRequest(f"'{where}.role' must be 'user', 'assistant' or 'system', got {brief(role)}", param="messages")
         content = m.get("content")
+        if role == "system":
+            converted.append({"role": "system", "content": content if isinstance(content, str) else _system_blocks(content, where)})
+            continue
         if isinstance(content, str):
             converted.append({"role": role, "content": content})
             continue
@@ -134,6 +153,20 @@ def output_constraint(raw: Any) -> Constraint | None:
     if not isinstance(output_format, dict) or output_format.get("type") != "json_schema" or not isinstance(output_format.get("schema"), dict):
         raise BadRequest("'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}", param="output_config")
     return Constraint(json_grammar(output_format["schema"], param="output_config.format.schema"))
+
+
+def forced_tool_call(choice: Any, tools: list[dict[str, Any]]) -> ToolCallConstraint | None:
+    """`tool_choice` {"type": "any"} or {"type": "tool", "name": ...}: the answer is one tool call."""
+    if choice is None:
+        return None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in ("auto", "none"):
+        return None
+    if kind == "any":
+        return ToolCallConstraint(tools, None)
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return ToolCallConstraint(tools, choice["name"])
+    raise BadRequest("'tool_choice' must be {\"type\": \"auto\" | \"any\" | \"none\"} or {\"type\": \"tool\", \"name\": ...}", param="tool_choice")
 
 
 def _thinking(raw: Any) -> bool | None:
@@ -229,6 +262,37 @@ def message_body(message_id: str, name: str, reply: Reply, *, think: bool | None
 
 # --- handlers ------------------------------------------------------------------------
 
+PING_SECONDS = 5.0  # Claude Code gives up after 300 s without a byte; Anthropic pings about this often
+T = TypeVar("T")
+
+
+@asynccontextmanager
+async def anthropic_completion(request: web.Request, spec: CompletionSpec) -> AsyncIterator[Completion]:
+    """`completion`, with a prompt over the context worded as Anthropic words it."""
+    try:
+        async with completion(request, spec) as c:
+            yield c
+    except PromptTooLong as e:
+        raise BadRequest(f"prompt is too long: {e.prompt_tokens} tokens > {e.context} maximum", param="messages") from None
+
+
+async def with_pings(items: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+    """`items`, with None whenever `interval` seconds pass without one (the next item is
+    awaited as one task throughout, so nothing is cancelled or lost)."""
+    iterator = aiter(items)
+    while True:
+        step = asyncio.ensure_future(anext(iterator))
+        try:
+            while not (await asyncio.wait({step}, timeout=interval))[0]:
+                yield None
+        except BaseException:
+            step.cancel()
+            raise
+        try:
+            yield step.result()
+        except StopAsyncIteration:
+            return
+
 
 def _request(request: web.Request, body: dict[str, Any]) -> tuple[ModelConfig, list[dict[str, Any]], list[dict[str, Any]], bool | None]:
     """What /v1/messages and count_tokens share: model, messages, tools, thinking."""
@@ -244,10 +308,11 @@ async def messages(request: web.Request) -> web.StreamResponse:
     name = body["model"]
     stream = field(body, "stream", bool, False)
     options = anthropic_options(request, model, body)
-    constraint = output_constraint(body.get("output_config"))
+    forced = forced_tool_call(body.get("tool_choice"), tools)
+    constraint = one_constraint(output_constraint(body.get("output_config")), forced)
     think = think_with_format(think, constraint)
     spec = chat_spec(model.name, chat, options, keep_alive_field(body), tools=tools, think=think, constrain=constraint)
-    async with completion(request, spec) as c:
+    async with anthropic_completion(request, spec) as c:
         parser = c.output_parser(tools)
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         if not stream:
@@ -260,8 +325,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
         try:
             start = {"id": message_id, "type": "message", "role": "assistant", "model": name, "content": [], "stop_reason": None, "stop_sequence": None}
             await _send(out, {"type": "message_start", "message": start | {"usage": {"input_tokens": len(c.prompt), "output_tokens": 0}}})
-            async for item in pieces(c.events(), parser):
-                if isinstance(item, Piece) and (item.kind != THINKING or think):
+            async for item in with_pings(pieces(c.events(), parser), PING_SECONDS):
+                if item is None:
+                    await _send(out, {"type": "ping"})
+                elif isinstance(item, Piece) and (item.kind != THINKING or think):
                     await _send(out, *blocks.piece(item))
                     made_calls |= item.kind == TOOL_CALL
             reason, sequence = _stop(c.done, made_calls, options.stop, c.lease.tokenizer, constraint)
@@ -284,11 +351,19 @@ async def _send(out: LineStream, *events: dict[str, Any]) -> None:
 
 
 async def count_tokens(request: web.Request) -> web.Response:
-    """The prompt's size in the model's own tokens, chat template included."""
+    """The prompt's size in the model's own tokens, chat template included.
+
+    Only the tokenizer is needed: no lease, so nothing is loaded or evicted. A model
+    whose files are not on disk yet is counted under a lease (which fetches it).
+    """
     body = await read_json(request)
     model, chat, tools, think = _request(request, body)
-    async with request.app[MANAGER].lease(model.name, keep_alive=keep_alive_field(body)) as lease:
-        ids = await asyncio.to_thread(chat_prompt, lease.tokenizer, chat, tools=tools, think=think)
+    keep_alive = keep_alive_field(body)
+    tokenizer = await model_tokenizer(model)
+    if tokenizer is None:
+        async with request.app[MANAGER].lease(model.name, keep_alive=keep_alive) as lease:
+            tokenizer = lease.tokenizer
+    ids = await asyncio.to_thread(chat_prompt, tokenizer, chat, tools=tools, think=think)
     return web.json_response({"input_tokens": len(ids)})
 
 

@@ -206,6 +206,7 @@ class CompletionSpec:
     # (tokenizer, token budget) -> a factory the engine calls to build a logits processor
     # (structured output); runs in a worker thread, as building it can take a second
     constrain: Callable[[Any, int], Callable[[], Any]] | None = None
+    logprobs: int | None = None  # GenerationRequest.logprobs
 
 
 def chat_spec(
@@ -215,15 +216,16 @@ def chat_spec(
     keep_alive: float | None,
     *,
     tools: list[dict[str, Any]],
-    think: bool | None,
+    think: bool | str | None,
     constrain: Callable[[Any, int], Callable[[], Any]] | None,
+    logprobs: int | None = None,
 ) -> CompletionSpec:
     """A completion whose prompt is the model's chat template applied to `messages`."""
 
     def build(tokenizer: Any) -> list[int]:
         return chat_prompt(tokenizer, messages, tools=tools, think=think)
 
-    return CompletionSpec(model, build, options, keep_alive, constrain=constrain)
+    return CompletionSpec(model, build, options, keep_alive, constrain=constrain, logprobs=logprobs)
 
 
 @dataclass(slots=True)
@@ -260,14 +262,20 @@ class Completion:
         return "".join(parts), self.done
 
 
+class PromptTooLong(BadRequest):
+    """The prompt fills the context; the numbers let an API word it its own way."""
+
+    def __init__(self, prompt_tokens: int, context: int):
+        super().__init__(f"prompt is {prompt_tokens} tokens but the context window is {context} tokens", param="num_ctx")
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+
+
 def token_budget(prompt_tokens: int, context: int, options: GenerationOptions) -> int:
     """How many tokens may be generated: num_predict, capped by what the context has left."""
     room = context - prompt_tokens
     if room <= 0:
-        raise BadRequest(
-            f"prompt is {prompt_tokens} tokens but the context window is {context} tokens",
-            param="num_ctx",
-        )
+        raise PromptTooLong(prompt_tokens, context)
     return room if options.num_predict < 0 else min(options.num_predict, room)
 
 
@@ -297,6 +305,7 @@ async def completion(request: web.Request, spec: CompletionSpec) -> AsyncIterato
                     max_tokens=max_tokens,
                     options=spec.options,
                     logits_processor=processor,
+                    logprobs=spec.logprobs,
                 )
             )
         result = Completion(lease, job, prompt, app[METRICS], started)

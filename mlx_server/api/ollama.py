@@ -23,12 +23,14 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import ModelConfig
-from ..errors import BadRequest, MlxServerError, UpstreamError, brief
+from ..errors import BadRequest, MlxServerError, RouteError, UpstreamError, brief
+from ..logprobs import LogprobTap, logprobs_request, ollama_logprobs
 from ..manager import ModelSnapshot, ModelState
 from ..options import GenerationOptions, merge_options, parse_options
-from ..prompts import chat_prompt, fim_prompt, text_prompt, validate_messages
+from ..prompts import THINK_LEVELS, capabilities, chat_prompt, fim_prompt, text_prompt, validate_messages
 from ..sources import SourceError, describe, locate, peek
 from ..structured import Constraint, json_grammar
+from ..tokenizer_cache import tokenizer_of
 from ..tools import THINKING, TOOL_CALL, Piece, ToolCall, collect, function_tools, pieces, template_tool_call
 from .common import (
     CONFIG,
@@ -86,7 +88,7 @@ def format_constraint(value: Any) -> Constraint | None:
     raise BadRequest(f"'format' must be \"json\" or a JSON schema object, got {brief(value)}", param="format")
 
 
-def think_with_format(think: bool | None, constraint: Constraint | None) -> bool | None:
+def think_with_format(think: bool | str | None, constraint: Constraint | None) -> bool | str | None:
     """A grammar shapes the whole output, so thinking is off when one is given."""
     if constraint is None:
         return think
@@ -132,21 +134,27 @@ async def _respond(
     constraint: Constraint | None = None,
 ) -> web.StreamResponse:
     """Run the completion and answer as one object or as NDJSON lines."""
+    tap = LogprobTap()
+
+    def logprobs() -> dict[str, Any]:
+        """The tokens' logprobs since the last line, when the request asked for them."""
+        return {"logprobs": ollama_logprobs(tap.take())} if spec.logprobs is not None else {}
+
     async with completion(request, spec) as c:
         parser = c.output_parser(tools)
         if not stream:
-            reply = await collect(c.events(), parser)
+            reply = await collect(tap.tap(c.events()), parser)
             final = _final(c, name, chat, constraint)
-            final.update(answer_fields(chat, reply.content, reply.thinking, reply.calls))
+            final.update(answer_fields(chat, reply.content, reply.thinking, reply.calls) | logprobs())
             return web.json_response(final)
         out = LineStream(request)
         calls = 0
         try:
-            async for item in pieces(c.events(), parser):
+            async for item in pieces(tap.tap(c.events()), parser):
                 if isinstance(item, Piece):
-                    await out.send({"model": name, "created_at": rfc3339(), **piece_fields(chat, item, calls), "done": False})
+                    await out.send({"model": name, "created_at": rfc3339(), **piece_fields(chat, item, calls), **logprobs(), "done": False})
                     calls += item.kind == TOOL_CALL
-            await out.send(_final(c, name, chat, constraint) | answer_fields(chat, "", "", []))
+            await out.send(_final(c, name, chat, constraint) | answer_fields(chat, "", "", []) | logprobs())
         except MlxServerError as e:
             if not out.started:
                 raise
@@ -239,7 +247,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     system = field(body, "system", str, "")
     raw = field(body, "raw", bool, False)
     stream = field(body, "stream", bool, not old)
-    think = field(body, "think", (bool, str))
+    think = think_field(body)
     context = field(body, "context", list, [])
     keep_alive = keep_alive_field(body)
     if field(body, "images", list):
@@ -252,7 +260,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return await _load_or_unload(request, name, keep_alive, chat=False)
     options = old_server_options(request, model, body) if old else request_options(request, model, body.get("options"))
     constraint = format_constraint(body.get("format"))
-    think = think_with_format(_think(think), constraint)
+    think = think_with_format(think, constraint)
 
     def build(tokenizer: Any) -> list[int]:
         if any(t >= len(tokenizer) for t in context):
@@ -266,13 +274,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
             ids = chat_prompt(tokenizer, messages, think=think)
         return list(context) + ids
 
-    spec = CompletionSpec(model.name, build, options, keep_alive, constrain=constraint)
+    logprobs = logprobs_request(body.get("logprobs"), body.get("top_logprobs"))
+    spec = CompletionSpec(model.name, build, options, keep_alive, constrain=constraint, logprobs=logprobs)
     return await _respond(request, spec, stream=stream, name=name, chat=False, constraint=constraint)
 
 
-def _think(value: bool | str | None) -> bool | None:
-    if isinstance(value, str):  # "low" / "medium" / "high": thinking on
-        return value.lower() not in ("", "false", "none")
+def think_field(body: dict[str, Any]) -> bool | str | None:
+    """`think`: true, false, or a level ("low", "medium", "high") that also turns thinking on."""
+    value = field(body, "think", (bool, str))
+    if isinstance(value, str) and value not in THINK_LEVELS:
+        raise BadRequest(f"'think' must be true, false or one of {', '.join(THINK_LEVELS)}, got {brief(value)}", param="think")
     return value
 
 
@@ -286,6 +297,8 @@ def chat_messages(raw: Any) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
         if m.get("tool_calls"):
             item["tool_calls"] = [_history_call(i, call) for call in m["tool_calls"]]
+        if m.get("thinking"):
+            item["thinking"] = m["thinking"]
         if m.get("tool_name"):
             if not isinstance(m["tool_name"], str):
                 raise BadRequest(f"'messages[{i}].tool_name' must be a string", param="messages")
@@ -306,7 +319,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     name, model = routed_model(request, body)
     body_priority(request, body)
     stream = field(body, "stream", bool, True)
-    think = field(body, "think", (bool, str))
+    think = think_field(body)
     tools = function_tools(body.get("tools"))
     keep_alive = keep_alive_field(body)
     messages = chat_messages(field(body, "messages", list, []))
@@ -314,8 +327,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await _load_or_unload(request, name, keep_alive, chat=True)
     options = request_options(request, model, body.get("options"))
     constraint = format_constraint(body.get("format"))
-    think = think_with_format(_think(think), constraint)
-    spec = chat_spec(model.name, messages, options, keep_alive, tools=tools, think=think, constrain=constraint)
+    think = think_with_format(think, constraint)
+    logprobs = logprobs_request(body.get("logprobs"), body.get("top_logprobs"))
+    spec = chat_spec(model.name, messages, options, keep_alive, tools=tools, think=think, constrain=constraint, logprobs=logprobs)
     return await _respond(request, spec, stream=stream, name=name, chat=True, tools=tools, constraint=constraint)
 
 
@@ -333,7 +347,7 @@ class Embedded:
 async def embed_inputs(
     request: web.Request,
     name: str,
-    inputs: list[str] | list[list[int]],
+    inputs: list[str],
     *,
     keep_alive: float | None,
     truncate: bool,
@@ -363,14 +377,12 @@ async def embed_inputs(
     return Embedded(vectors, tokens, lease.load_seconds, time.perf_counter() - started)
 
 
-def _embedding_ids(tokenizer: Any, inputs: list[str] | list[list[int]], limit: int, truncate: bool, param: str) -> list[list[int]]:
+def _embedding_ids(tokenizer: Any, inputs: list[str], limit: int, truncate: bool, param: str) -> list[list[int]]:
     batch = []
     for i, item in enumerate(inputs):
-        ids = text_prompt(tokenizer, item) if isinstance(item, str) else list(item)
+        ids = text_prompt(tokenizer, item)
         if not ids:
             raise BadRequest(f"'{param}[{i}]' is empty", param=param)
-        if any(t >= len(tokenizer) for t in ids):
-            raise BadRequest(f"'{param}[{i}]' holds a token id outside the model's vocabulary", param=param)
         if len(ids) > limit:
             if not truncate:
                 raise BadRequest(f"'{param}[{i}]' is {len(ids)} tokens, longer than the context length {limit} (truncate is off)", param=param)
@@ -531,7 +543,7 @@ def _show(model: ModelConfig, snap: ModelSnapshot) -> dict[str, Any]:
     parameters = "\n".join(
         f"{k} {json.dumps(v) if isinstance(v, str) else v}" for k, vs in model.options.items() for v in (vs if isinstance(vs, tuple) else (vs,))
     )
-    capabilities = ["completion"] + (["tools"] if "tools" in template else [])
+    tokenizer = tokenizer_of(model)
     return {
         "license": "",
         "modelfile": f"# mlx-server model\nFROM {model.source}\n" + "".join(f"PARAMETER {line}\n" for line in parameters.splitlines()),
@@ -539,7 +551,7 @@ def _show(model: ModelConfig, snap: ModelSnapshot) -> dict[str, Any]:
         "template": template,
         "details": details,
         "model_info": info,
-        "capabilities": capabilities,
+        "capabilities": capabilities(tokenizer) if tokenizer is not None else ["completion", "embedding"],
         "modified_at": rfc3339(os.path.getmtime(local.path) if local else None),
     }
 
@@ -589,6 +601,16 @@ async def model_status(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def not_managed_here(request: web.Request) -> web.Response:
+    """Ollama's model-management routes: models here are what models.yaml lists."""
+    raise RouteError(
+        f"{request.method} {request.path} is not supported by mlx-server: models are configured in models.yaml "
+        "(name, source: a Hugging Face repo or a local MLX directory); edit it and restart the server, "
+        "or use /api/pull to fetch a configured model's files",
+        501,
+    )
+
+
 async def root(request: web.Request) -> web.Response:
     return web.Response(text="Ollama is running")
 
@@ -609,4 +631,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/embeddings", embeddings)
     app.router.add_post("/api/pull", pull)
     app.router.add_get("/api/models/{name:.+}", model_status)
+    for path in ("/api/create", "/api/copy", "/api/push"):
+        app.router.add_post(path, not_managed_here)
+    app.router.add_delete("/api/delete", not_managed_here)
+    app.router.add_post("/api/blobs/{digest}", not_managed_here)
+    app.router.add_route("HEAD", "/api/blobs/{digest}", not_managed_here)
 

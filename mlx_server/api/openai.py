@@ -21,11 +21,12 @@ from aiohttp import web
 from .. import __version__
 from ..config import ModelConfig
 from ..jobs import DoneEvent, TextEvent
+from ..logprobs import LogprobTap, chat_logprobs, completion_logprobs, completion_logprobs_request, logprobs_request
 from ..errors import BadRequest, MlxServerError
 from ..options import GenerationOptions
 from ..prompts import fim_prompt, message_list, text_prompt, validate_messages
-from ..structured import Constraint, json_grammar
-from ..tools import THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, function_tools, pieces, template_tool_call
+from ..structured import Constraint, json_grammar, one_constraint
+from ..tools import THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, function_tools, pieces, template_tool_call, tool_choice
 from .common import (
     CONFIG,
     MANAGER,
@@ -70,9 +71,6 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
         raise BadRequest("'n' must be 1: one choice per request", param="n")
     if body.get("best_of") not in (None, 1):
         raise BadRequest("'best_of' must be 1", param="best_of")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        param = "logprobs" if body.get("logprobs") else "top_logprobs"
-        raise BadRequest(f"'{param}' is not supported by this server", param=param)
 
 
 def response_format_constraint(value: Any) -> Constraint | None:
@@ -193,7 +191,7 @@ def chunk_delta(item: Piece, index: int) -> dict[str, Any]:
     return {"content": item.text}
 
 
-def chat_completion_body(name: str, reply: Reply, constraint: Constraint | None) -> dict[str, Any]:
+def chat_completion_body(name: str, reply: Reply, constraint: Constraint | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": reply.content if reply.content or not reply.calls else None}
     if reply.thinking:
         message["reasoning_content"] = reply.thinking
@@ -205,7 +203,7 @@ def chat_completion_body(name: str, reply: Reply, constraint: Constraint | None)
         "created": int(time.time()),
         "model": name,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(reply.done, bool(reply.calls), constraint)}],
+        "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": _finish_reason(reply.done, bool(reply.calls), constraint)}],
         "usage": _usage(reply.done),
     }
 
@@ -253,23 +251,31 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     include_usage = _stream_options(body, stream)
     refuse_unsupported(body)
     options = openai_options(request, model, body)
-    tools = [] if body.get("tool_choice") == "none" else function_tools(body.get("tools"))
-    constraint = response_format_constraint(body.get("response_format"))
+    tools, forced = tool_choice(body.get("tool_choice"), function_tools(body.get("tools")))
+    constraint = one_constraint(response_format_constraint(body.get("response_format")), forced)
     think = think_with_format(None, constraint)
-    spec = chat_spec(model.name, messages, options, keep_alive_field(body), tools=tools, think=think, constrain=constraint)
+    wanted = logprobs_request(body.get("logprobs"), body.get("top_logprobs"))
+    spec = chat_spec(model.name, messages, options, keep_alive_field(body), tools=tools, think=think, constrain=constraint, logprobs=wanted)
+    tap = LogprobTap()
+
+    def logprobs() -> dict[str, Any] | None:
+        """The tokens' logprobs since the last chunk, when the request asked for them."""
+        return chat_logprobs(tap.take()) if wanted is not None else None
+
     async with completion(request, spec) as c:
         parser = c.output_parser(tools)
         if not stream:
-            return web.json_response(chat_completion_body(name, await collect(c.events(), parser), constraint))
+            reply = await collect(tap.tap(c.events()), parser)
+            return web.json_response(chat_completion_body(name, reply, constraint, logprobs()))
         sse = _Sse(request, "chat.completion.chunk", "chatcmpl", name, include_usage)
         calls = 0
         try:
             await sse.send({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-            async for item in pieces(c.events(), parser):
+            async for item in pieces(tap.tap(c.events()), parser):
                 if isinstance(item, Piece):
-                    await sse.send({"delta": chunk_delta(item, calls), "logprobs": None, "finish_reason": None})
+                    await sse.send({"delta": chunk_delta(item, calls), "logprobs": logprobs(), "finish_reason": None})
                     calls += item.kind == TOOL_CALL
-            await sse.send({"delta": {}, "logprobs": None, "finish_reason": _finish_reason(c.done, calls > 0, constraint)})
+            await sse.send({"delta": {}, "logprobs": logprobs(), "finish_reason": _finish_reason(c.done, calls > 0, constraint)})
             return await sse.close(c.done)
         except MlxServerError as e:
             return await sse.fail(e)
@@ -297,12 +303,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
             return fim_prompt(tokenizer, prompt, suffix, name)
         return text_prompt(tokenizer, prompt)
 
-    spec = CompletionSpec(model.name, build, options, keep_alive_field(body))
+    wanted = completion_logprobs_request(body.get("logprobs"))
+    spec = CompletionSpec(model.name, build, options, keep_alive_field(body), logprobs=wanted)
     lead = prompt if echo else ""
     async with completion(request, spec) as c:
         if not stream:
-            text, done = await c.text()
-            choice = {"text": lead + text, "index": 0, "logprobs": None, "finish_reason": done.finish_reason}
+            tap = LogprobTap()
+            text = "".join([e.text async for e in tap.tap(c.events()) if isinstance(e, TextEvent)])
+            done = c.done
+            logprobs = completion_logprobs(tap.all, len(lead)) if wanted is not None else None
+            choice = {"text": lead + text, "index": 0, "logprobs": logprobs, "finish_reason": done.finish_reason}
             return web.json_response(
                 {
                     "id": f"cmpl-{uuid.uuid4().hex[:24]}",
@@ -318,9 +328,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
         try:
             if lead:
                 await sse.send({"text": lead, "logprobs": None, "finish_reason": None})
+            offset = len(lead)
             async for event in c.events():
                 if isinstance(event, TextEvent):
-                    await sse.send({"text": event.text, "logprobs": None, "finish_reason": None})
+                    logprobs = completion_logprobs(list(event.logprobs), offset) if wanted is not None else None
+                    await sse.send({"text": event.text, "logprobs": logprobs, "finish_reason": None})
+                    offset += len(event.text)
             await sse.send({"text": "", "logprobs": None, "finish_reason": c.done.finish_reason})
             return await sse.close(c.done)
         except MlxServerError as e:
@@ -344,17 +357,20 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(await _model_entry(request, request.app[MANAGER].resolve(name)))
 
 
-def _embedding_input(raw: Any) -> list[str] | list[list[int]]:
+def _embedding_input(raw: Any) -> list[str]:
+    """Text only: token ids (what tiktoken makes, e.g. LangChain's OpenAIEmbeddings by
+    default) belong to OpenAI's vocabulary, not this model's, and would embed garbage."""
     if isinstance(raw, str):
         raw = [raw]
-    elif isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
-        raw = [raw]
-    if isinstance(raw, list) and raw:
-        if all(isinstance(x, str) and x for x in raw):
-            return raw
-        if all(isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x) for x in raw):
-            return raw
-    raise BadRequest("'input' must be a non-empty string, array of strings, or array(s) of token ids", param="input")
+    if isinstance(raw, list) and raw and all(isinstance(x, str) and x for x in raw):
+        return raw
+    if isinstance(raw, list) and raw and all(isinstance(x, int) or isinstance(x, list) for x in raw):
+        raise BadRequest(
+            "'input' holds token ids; this server embeds text only, as ids from another tokenizer do not match its models: "
+            "send the text (LangChain OpenAIEmbeddings: check_embedding_ctx_length=False)",
+            param="input",
+        )
+    raise BadRequest("'input' must be a non-empty string or array of non-empty strings", param="input")
 
 
 async def embeddings(request: web.Request) -> web.Response:

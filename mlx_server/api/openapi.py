@@ -15,8 +15,9 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import Config
+from ..logprobs import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS
 from ..options import MAX_CONTEXT, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
-from ..prompts import MAX_MESSAGES
+from ..prompts import MAX_MESSAGES, THINK_LEVELS
 from .common import CONFIG, MAX_MODEL_NAME, NDJSON
 from .ollama import MAX_EMBED_INPUTS
 
@@ -115,6 +116,7 @@ REASONS = {
     500: "the model failed during this request",
     502: "the model's source could not be fetched",
     503: "busy (max_concurrency and max_queue are full), out of memory, loading failed or shutting down; see Retry-After",
+    501: "models are managed in models.yaml, not through this route",
 }
 
 
@@ -150,7 +152,13 @@ def get(family: str, summary: str, ok: dict[str, Schema], codes: tuple[int, ...]
 
 def ollama_paths(model: Schema) -> dict[str, Any]:
     common = {"model": model, "keep_alive": KEEP_ALIVE, "options": OPTIONS}
-    generation = {"format": one_of({"enum": ["json", ""]}, ANY_OBJECT), "think": {"type": ["boolean", "string"]}, "stream": BOOLEAN}
+    generation = {
+        "format": one_of({"enum": ["json", ""]}, ANY_OBJECT),
+        "think": one_of(BOOLEAN, {"enum": list(THINK_LEVELS)}),
+        "stream": BOOLEAN,
+        "logprobs": BOOLEAN,
+        "top_logprobs": integer(0, MAX_TOP_LOGPROBS) | {"description": "needs logprobs: true"},
+    }
     message = obj(
         ("role",),
         role={"enum": ["system", "user", "assistant", "tool"]},
@@ -158,6 +166,7 @@ def ollama_paths(model: Schema) -> dict[str, Any]:
         images=array(STRING, maxItems=0),
         tool_calls=array(obj(("function",), function=obj(("name",), name=STRING, arguments=ANY_OBJECT))),
         tool_name=STRING,
+        thinking=STRING,
     )
     done = {"done": BOOLEAN, "done_reason": STRING, **DURATIONS, **COUNTS}
     generated = obj(("model", "created_at", "done"), model=STRING, created_at=TIMESTAMP, response=STRING, thinking=STRING, context=TOKEN_IDS, **done)
@@ -184,6 +193,7 @@ def ollama_paths(model: Schema) -> dict[str, Any]:
         last_used={"type": ["string", "null"]},
     )
     named = obj(model=model, name=model) | {"anyOf": [{"required": ["model"]}, {"required": ["name"]}]}
+    not_here = {"responses": responses("ollama", {"application/json": ANY_OBJECT}, (401, 429, 501))}
     return {
         "/": {
             "get": get("ollama", "Liveness text", {"text/plain": STRING}, ()) | {"security": []},
@@ -244,6 +254,14 @@ def ollama_paths(model: Schema) -> dict[str, Any]:
                 MODEL_CODES + (502,),
             )
         },
+        **{
+            path: {
+                method: not_here
+                | {"summary": f"Not supported: models are configured in models.yaml ({path})"}
+                | ({"parameters": [{"name": "digest", "in": "path", "required": True, "schema": STRING}]} if "{" in path else {})
+            }
+            for path, method in (("/api/create", "post"), ("/api/copy", "post"), ("/api/delete", "delete"), ("/api/push", "post"), ("/api/blobs/{digest}", "post"))
+        },
     }
 
 
@@ -267,7 +285,6 @@ def openai_paths(model: Schema) -> dict[str, Any]:
         "max_tokens": MAX_TOKENS,
         "max_completion_tokens": MAX_TOKENS,
         "n": {"const": 1},
-        "logprobs": {"enum": [False, None]},
         "keep_alive": KEEP_ALIVE,
         **SAMPLING,
     }
@@ -300,6 +317,8 @@ def openai_paths(model: Schema) -> dict[str, Any]:
                     tools=FUNCTION_TOOLS,
                     tool_choice={"type": ["string", "object"]},
                     response_format=response_format,
+                    logprobs={"type": ["boolean", "null"]},
+                    top_logprobs=integer(0, MAX_TOP_LOGPROBS) | {"description": "needs logprobs: true"},
                     **common,
                 )
                 | streamed,
@@ -316,6 +335,7 @@ def openai_paths(model: Schema) -> dict[str, Any]:
                     suffix=STRING,
                     echo=BOOLEAN,
                     best_of={"const": 1},
+                    logprobs={"type": ["integer", "null"], "minimum": 0, "maximum": MAX_COMPLETION_LOGPROBS},
                     **common,
                 )
                 | streamed,
@@ -334,18 +354,77 @@ def openai_paths(model: Schema) -> dict[str, Any]:
                 obj(
                     ("model", "input"),
                     model=model,
-                    input=one_of(
-                        TEXT,
-                        array(TEXT, minItems=1, maxItems=MAX_EMBED_INPUTS),
-                        token_ids,
-                        array(token_ids, minItems=1, maxItems=MAX_EMBED_INPUTS),
-                    ),
+                    input=one_of(TEXT, array(TEXT, minItems=1, maxItems=MAX_EMBED_INPUTS)) | {"description": "text only: token ids are refused (400)"},
                     encoding_format={"enum": ["float", "base64"]},
                     dimensions={"type": "integer", "minimum": 1},
                     keep_alive=KEEP_ALIVE,
                 ),
                 {"application/json": obj(("object", "data", "model", "usage"), object={"const": "list"}, data=array(embedding), model=STRING, usage=ANY_OBJECT)},
             )
+        },
+    }
+
+
+# --- OpenAI Responses ----------------------------------------------------------------------------
+
+
+def responses_paths(model: Schema) -> dict[str, Any]:
+    text_part = obj(("type", "text"), type={"enum": ["input_text", "output_text"]}, text=STRING)
+    content = one_of(STRING, array(text_part))
+    item = one_of(
+        obj(("role", "content"), type={"const": "message"}, role={"enum": ["user", "assistant", "system", "developer"]}, content=content),
+        obj(("type", "call_id", "name"), type={"const": "function_call"}, call_id=STRING, name=STRING, arguments=STRING, id=STRING),
+        obj(("type", "call_id"), type={"const": "function_call_output"}, call_id=STRING, output=content),
+        obj(("type",), type={"const": "reasoning"}, id=STRING, summary=array(ANY_OBJECT)),
+    )
+    tool = one_of(
+        obj(("type", "name"), type={"const": "function"}, name={"type": "string", "minLength": 1}, description=STRING, parameters=ANY_OBJECT, strict=BOOLEAN),
+        obj(("type",), type={"type": "string", "not": {"const": "function"}}, description="a hosted tool: left out of the prompt, named in `warnings`"),
+    )
+    text_format = one_of(
+        obj(("type",), type={"enum": ["text", "json_object"]}),
+        obj(("type", "schema"), type={"const": "json_schema"}, name=STRING, schema=ANY_OBJECT, strict=BOOLEAN),
+    )
+    body = obj(
+        ("model", "input"),
+        model=model,
+        input=one_of(STRING, array(item, minItems=1, maxItems=MAX_MESSAGES)),
+        instructions=STRING,
+        tools=array(tool),
+        tool_choice=one_of({"enum": ["auto", "none", "required"]}, obj(("type", "name"), type={"const": "function"}, name=STRING)),
+        max_output_tokens=MAX_TOKENS,
+        temperature=SAMPLING["temperature"],
+        top_p=SAMPLING["top_p"],
+        text=obj(format=text_format),
+        reasoning=obj(effort={"enum": ["none", "minimal", *THINK_LEVELS]}, summary={"type": ["string", "null"]}),
+        store=BOOLEAN,
+        previous_response_id=STRING,
+        include=array(STRING),
+        metadata=ANY_OBJECT,
+        parallel_tool_calls=BOOLEAN,
+        stream=BOOLEAN,
+        keep_alive=KEEP_ALIVE,
+    )
+    usage = obj(("input_tokens", "output_tokens", "total_tokens"), input_tokens=INTEGER, output_tokens=INTEGER, total_tokens=INTEGER)
+    response = obj(
+        ("id", "object", "created_at", "status", "model", "output"),
+        id=STRING,
+        object={"const": "response"},
+        created_at=INTEGER,
+        status={"enum": ["completed", "incomplete", "in_progress"]},
+        model=STRING,
+        output=array(ANY_OBJECT),
+        usage=one_of(usage, {"type": "null"}),
+        warnings=array(STRING),
+    )
+    event = {"type": "object", "properties": {"event": STRING, "data": STRING}, "required": ["event", "data"], "description": "one SSE event, numbered by sequence_number"}
+    response_id = {"parameters": [{"name": "response_id", "in": "path", "required": True, "schema": STRING}]}
+    deleted = obj(("id", "object", "deleted"), id=STRING, object={"const": "response"}, deleted={"const": True})
+    return {
+        "/v1/responses": {"post": post("openai", "Responses API (an SSE event stream when stream is true)", body, {"application/json": response, SSE: event}, GENERATION_CODES)},
+        "/v1/responses/{response_id}": {
+            "get": get("openai", "A stored response", {"application/json": response}, (401, 404, 429)) | response_id,
+            "delete": get("openai", "Forget a stored response", {"application/json": deleted}, (401, 404, 429)) | response_id,
         },
     }
 
@@ -361,6 +440,7 @@ def anthropic_paths(model: Schema) -> dict[str, Any]:
     message = one_of(
         obj(("role", "content"), role={"const": "user"}, content=one_of(STRING, array(one_of(text_block, tool_result, thinking)))),
         obj(("role", "content"), role={"const": "assistant"}, content=one_of(STRING, array(one_of(text_block, tool_use, thinking)))),
+        obj(("role", "content"), role={"const": "system"}, content=one_of(STRING, array(text_block))),
     )
     tool = obj(("name",), name={"type": "string", "minLength": 1}, description=STRING, input_schema=ANY_OBJECT, type={"const": "custom"})
     prompt = {
@@ -430,7 +510,7 @@ def status_paths() -> dict[str, Any]:
 
 def document(config: Config) -> dict[str, Any]:
     model = model_name(config)
-    paths = ollama_paths(model) | openai_paths(model) | anthropic_paths(model) | status_paths()
+    paths = ollama_paths(model) | openai_paths(model) | responses_paths(model) | anthropic_paths(model) | status_paths()
     return {
         "openapi": "3.1.0",
         "info": {
