@@ -12,33 +12,15 @@ from contextlib import suppress
 from aiohttp import web
 
 from .api import anthropic, ollama, openai, openapi, responses, status
-from .api.common import (
-    CONFIG,
-    ENGINE,
-    GROUPS,
-    MANAGER,
-    METRICS,
-    REAPER,
-    STARTED,
-    access_log_middleware,
-    errors_middleware,
-    make_auth_middleware,
-    make_cors_middleware,
-    make_rate_limit_middleware,
-)
+from .api.keys import CONFIG, ENGINE, GROUPS, MANAGER, METRICS, REAPER, STARTED
+from .api.middlewares import access_log_middleware, errors_middleware, make_auth_middleware, make_cors_middleware, make_rate_limit_middleware
 from .config import Config
 from .engine import Engine
 from .group.backend import DispatchBackend, GroupBackend
 from .loader import MlxBackend
 from .manager import GiB, Manager
 from .metrics import Metrics
-from .reaper import (
-    HostMemory,
-    PressureSignal,
-    Reaper,
-    make_pressure_signal,
-    read_host_memory,
-)
+from .reaper import HostMemory, PressureSignal, Reaper, make_pressure_signal, read_host_memory
 
 log = logging.getLogger("mlx_server.app")
 

@@ -130,7 +130,7 @@ async def _serve(config) -> int:
     """
     from aiohttp import web
 
-    from .api.common import MANAGER
+    from .api.keys import MANAGER
     from .app import create_app
 
     grace = config.server.shutdown_grace

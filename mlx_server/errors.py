@@ -1,6 +1,6 @@
 """The daemon's exceptions: each knows its HTTP status, and the API layer formats it.
 
-One middleware (`api/common.py`) maps them to each API family's error shape, so a
+One middleware (`api/middlewares.py`) maps them to each API family's error shape, so a
 handler only raises and never builds an error body itself.
 """
 

@@ -9,9 +9,9 @@ import asyncio
 import json
 
 import pytest
-
 from conftest import make_config
-from mlx_server.api.common import ENGINE
+
+from mlx_server.api.keys import ENGINE
 from mlx_server.jobs import DoneEvent, GenerationJob, TextEvent, TokenLogprob, TopLogprob
 from mlx_server.logprobs import LogprobTap, chat_logprobs, completion_logprobs, ollama_logprobs
 

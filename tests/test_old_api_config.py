@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from mlx_server.admission import DEFAULT_AGING, Priority
-from mlx_server.api.common import CONFIG
+from mlx_server.api.keys import CONFIG
 from mlx_server.api.ollama import old_server_dialect, old_server_options
 from mlx_server.config import ConfigError, load_config, parse_config
 from mlx_server.errors import BadRequest

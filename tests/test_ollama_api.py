@@ -8,9 +8,9 @@ import statistics
 import time
 
 import pytest
-
 from conftest import make_config
-from mlx_server.api.common import ENGINE
+
+from mlx_server.api.keys import ENGINE
 
 GREEDY = {"temperature": 0, "num_predict": 12}
 

@@ -13,9 +13,9 @@ import urllib.request
 
 import aiohttp
 import pytest
-
 from conftest import make_config
-from mlx_server.api.common import METRICS
+
+from mlx_server.api.keys import METRICS
 from mlx_server.app import create_app
 from mlx_server.testing import DaemonProcess, write_config
 

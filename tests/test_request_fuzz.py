@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from conftest import make_config
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_config
 from mlx_server.api import anthropic, ollama, openai
-from mlx_server.api.common import CONFIG, MAX_JSON_DEPTH, decode_json, field, keep_alive_field, model_field
+from mlx_server.api.body import MAX_JSON_DEPTH, decode_json, field, keep_alive_field, model_field
+from mlx_server.api.keys import CONFIG
 from mlx_server.config import FOREVER, FOREVER_AFTER
 from mlx_server.errors import BadRequest
 from mlx_server.options import MAX_CONTEXT, GenerationOptions, merge_options, parse_options

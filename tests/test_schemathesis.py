@@ -83,7 +83,7 @@ def test_every_operation_holds_to_its_document(live, tmp_path):
 
 
 def test_the_document_covers_every_route_and_marks_the_public_ones(live):
-    from mlx_server.api.common import PUBLIC_PATHS
+    from mlx_server.api.middlewares import PUBLIC_PATHS
     from mlx_server.app import create_app
     from mlx_server.config import parse_config
 

@@ -19,8 +19,8 @@ import ollama
 import openai
 import psutil
 import pytest
-
 from conftest import make_config
+
 from mlx_server.testing import DaemonProcess, free_port, write_config
 
 pytestmark = pytest.mark.live
@@ -144,7 +144,7 @@ async def test_the_key_is_compared_in_constant_time(app_client, test_model, monk
         seen.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("mlx_server.api.common.hmac.compare_digest", spy)
+    monkeypatch.setattr("mlx_server.api.middlewares.hmac.compare_digest", spy)
     client = await app_client(make_config([model(test_model, preload=False)], server={"api_key": KEY}))
     for supplied in ("", "s", KEY[:5], KEY + "x", "é" * 40, KEY):
         r = await client.get("/api/version", headers={"x-api-key": supplied})

@@ -25,15 +25,19 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ..config import ModelConfig
-from ..jobs import DoneEvent
 from ..errors import BadRequest, MlxServerError, brief
+from ..jobs import DoneEvent
 from ..options import GenerationOptions
 from ..prompts import chat_prompt, message_list, validate_messages
 from ..structured import Constraint, ToolCallConstraint, json_grammar, one_constraint
-from ..tools import CONTENT, THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, pieces, template_tool_call
 from ..tokenizer_cache import model_tokenizer
-from .common import MANAGER, Completion, CompletionSpec, LineStream, PromptTooLong, chat_spec, completion, error_body, field, keep_alive_field, read_json, requested_model
+from ..tools import CONTENT, THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, pieces, template_tool_call
+from .body import field, keep_alive_field, read_json, requested_model
+from .keys import MANAGER
+from .middlewares import error_body
 from .ollama import request_options, think_with_format
+from .pipeline import Completion, CompletionSpec, PromptTooLong, chat_spec, completion
+from .wire import LineStream
 
 # --- parameters --------------------------------------------------------------------
 

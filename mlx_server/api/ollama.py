@@ -32,27 +32,12 @@ from ..sources import SourceError, describe, locate, peek
 from ..structured import Constraint, json_grammar
 from ..tokenizer_cache import tokenizer_of
 from ..tools import THINKING, TOOL_CALL, Piece, ToolCall, collect, function_tools, pieces, template_tool_call
-from .common import (
-    CONFIG,
-    ENGINE,
-    GROUPS,
-    MANAGER,
-    METRICS,
-    MODEL_KEY,
-    Completion,
-    CompletionSpec,
-    LineStream,
-    chat_spec,
-    completion,
-    durations_ns,
-    field,
-    keep_alive_field,
-    read_json,
-    requested_model,
-    rfc3339,
-)
-from .status import memory_json
+from .body import field, keep_alive_field, read_json, requested_model
+from .keys import CONFIG, ENGINE, GROUPS, MANAGER, METRICS, MODEL_KEY
+from .pipeline import Completion, CompletionSpec, chat_spec, completion, durations_ns
 from .priority import body_priority, request_priority
+from .status import memory_json
+from .wire import LineStream, rfc3339
 
 FOREVER_TIMESTAMP = 10_000_000_000.0  # 2286-11-20: how "never expires" reads in expires_at
 OLD_SERVER_FIELDS = ("max_tokens", "temperature", "category")  # never top-level in an Ollama body

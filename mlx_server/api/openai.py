@@ -20,28 +20,19 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import ModelConfig
+from ..errors import BadRequest, MlxServerError
 from ..jobs import DoneEvent, TextEvent
 from ..logprobs import LogprobTap, chat_logprobs, completion_logprobs, completion_logprobs_request, logprobs_request
-from ..errors import BadRequest, MlxServerError
 from ..options import GenerationOptions
 from ..prompts import fim_prompt, message_list, text_prompt, validate_messages
 from ..structured import Constraint, json_grammar, one_constraint
 from ..tools import THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, function_tools, pieces, template_tool_call, tool_choice
-from .common import (
-    CONFIG,
-    MANAGER,
-    MODEL_KEY,
-    CompletionSpec,
-    LineStream,
-    chat_spec,
-    completion,
-    error_body,
-    field,
-    keep_alive_field,
-    read_json,
-    requested_model,
-)
+from .body import field, keep_alive_field, read_json, requested_model
+from .keys import CONFIG, MANAGER, MODEL_KEY
+from .middlewares import error_body
 from .ollama import dimensions_field, embed_inputs, model_details, request_options, think_with_format
+from .pipeline import CompletionSpec, chat_spec, completion
+from .wire import LineStream
 
 # OpenAI parameters that GenerationOptions has under the same name (top_k, min_p: common extensions)
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty")

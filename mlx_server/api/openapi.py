@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document of every route, served at `GET /openapi.json`.
 
 Written from the handlers' own rules (types, ranges, the limits in options.py,
-prompts.py and common.py), so a client generator or a fuzzer sees what the server
+prompts.py and body.py), so a client generator or a fuzzer sees what the server
 enforces; tests/test_schemathesis.py holds the server to it. It sits behind the
 API key like every route but `/`, `/health` and `/metrics`: it names the models.
 """
@@ -18,8 +18,10 @@ from ..config import Config
 from ..logprobs import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS
 from ..options import MAX_CONTEXT, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
 from ..prompts import MAX_MESSAGES, THINK_LEVELS
-from .common import CONFIG, MAX_MODEL_NAME, NDJSON
+from .body import MAX_MODEL_NAME
+from .keys import CONFIG
 from .ollama import MAX_EMBED_INPUTS
+from .wire import NDJSON
 
 SSE = "text/event-stream"
 ANTHROPIC_EVENTS = ["message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop", "ping", "error"]

@@ -31,8 +31,11 @@ from ..options import GenerationOptions
 from ..prompts import THINK_LEVELS, message_list, validate_messages
 from ..structured import Constraint, json_grammar, one_constraint
 from ..tools import CONTENT, THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, function_tools, pieces, template_tool_call, tool_choice
-from .common import LineStream, chat_spec, completion, error_body, field, keep_alive_field, read_json, requested_model
+from .body import field, keep_alive_field, read_json, requested_model
+from .middlewares import error_body
 from .ollama import request_options
+from .pipeline import chat_spec, completion
+from .wire import LineStream
 
 STORE_SIZE = 1000  # responses kept for previous_response_id
 STORE_SECONDS = 3600.0  # ...and for at most this long

@@ -19,7 +19,8 @@ from ..admission import Priority
 from ..ledger import ModelMemory
 from ..manager import ModelSnapshot, ModelState
 from ..metrics import CONTENT_TYPE, LiveModel, LiveReading
-from .common import CONFIG, ENGINE, GROUPS, MANAGER, METRICS, REAPER, STARTED, rfc3339
+from .keys import CONFIG, ENGINE, GROUPS, MANAGER, METRICS, REAPER, STARTED
+from .wire import rfc3339
 
 GiB = 1 << 30  # the old server's `*_gb` memory figures: bytes / 1024**3
 
