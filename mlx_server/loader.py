@@ -28,11 +28,7 @@ class MlxBackend:
         return Prepared(local.path, local.weights_bytes, local.config)
 
     async def load(self, model: ModelConfig, prepared: Prepared) -> Loaded:
-        eos = prepared.info.get("eos_token_id")
-        try:
-            tokenizer = await asyncio.to_thread(_load_tokenizer, prepared.path, eos)
-        except Exception as e:
-            raise RuntimeError(f"cannot load the tokenizer from {prepared.path}: {type(e).__name__}: {e}") from None
+        tokenizer = await load_tokenizer(prepared)
         weights = await self._engine.load(
             model.name,
             prepared.path,
@@ -69,8 +65,16 @@ class MlxBackend:
         return self._engine.device_info.get("max_recommended_working_set_size")
 
 
-def _load_tokenizer(path: Path, eos_token_ids: Any) -> Any:
-    """mlx_lm's tokenizer wrapper (HF tokenizer + streaming detokenizer); not MLX work."""
+async def load_tokenizer(prepared: Prepared) -> Any:
+    """mlx_lm's tokenizer wrapper (HF tokenizer + streaming detokenizer), in a worker
+    thread: not MLX work, but it imports and reads files."""
+    try:
+        return await asyncio.to_thread(_read_tokenizer, prepared.path, prepared.info.get("eos_token_id"))
+    except Exception as e:
+        raise RuntimeError(f"cannot load the tokenizer from {prepared.path}: {type(e).__name__}: {e}") from None
+
+
+def _read_tokenizer(path: Path, eos_token_ids: Any) -> Any:
     from mlx_lm.tokenizer_utils import load
 
     return load(path, eos_token_ids=eos_token_ids)

@@ -36,7 +36,7 @@ from ..jobs import (
     GenerationRequest,
     TextEvent,
 )
-from ..loader import _load_tokenizer
+from ..loader import load_tokenizer
 from ..manager import Backend, Loaded, Prepared
 from ..sources import context_length, describe, locate
 from .checks import check_rank0_here, check_shardable
@@ -74,11 +74,7 @@ class GroupBackend:
         return Prepared(local.path, local.weights_bytes * here // dist.ranks, local.config)
 
     async def load(self, model: ModelConfig, prepared: Prepared) -> Loaded:
-        eos = prepared.info.get("eos_token_id")
-        try:
-            tokenizer = await asyncio.to_thread(_load_tokenizer, prepared.path, eos)
-        except Exception as e:
-            raise RuntimeError(f"cannot load the tokenizer from {prepared.path}: {type(e).__name__}: {e}") from None
+        tokenizer = await load_tokenizer(prepared)
         name = model.name
         group = GroupProcess(name, model.distributed, prepared.path, lambda reason: self._died(name, group, reason))
         self._groups[name] = group
