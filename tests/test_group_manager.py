@@ -29,7 +29,7 @@ async def test_a_ready_model_that_fails_is_failed_then_reloaded_after_the_back_o
     await leased.wait()
     manager.fail("big:latest", "distributed group failed: rank 1 exited")
     assert state(manager, "big") is ModelState.FAILED
-    assert manager.resident_bytes() == 0  # its memory is no longer charged
+    assert manager.ledger().used == 0  # its memory is no longer charged
     release.set()
     await task  # the lease ends on a failed model: no keep_alive armed, no unload asked
     assert backend.unloads == [] and manager._records["big:latest"].expires_at is None

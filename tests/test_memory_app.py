@@ -35,9 +35,10 @@ async def test_an_allocation_failure_fails_only_its_request_and_returns_its_rese
     body = {"model": "demo", "prompt": "hi", "options": {"num_predict": 50}}
     assert (await client.post("/api/generate", json={**body, "stream": False})).status == 200
 
-    from mlx_lm.generate import BatchGenerator
+    # A lone request decodes on its own single stream, not in the batch.
+    from mlx_server.engine.single import SingleStream
 
-    original = BatchGenerator.next
+    original = SingleStream.next
     calls = {"n": 0}
 
     def failing(self):
@@ -46,11 +47,11 @@ async def test_an_allocation_failure_fails_only_its_request_and_returns_its_rese
             raise MemoryError("CPU allocation failed (simulated)")
         return original(self)
 
-    monkeypatch.setattr(BatchGenerator, "next", failing)
+    monkeypatch.setattr(SingleStream, "next", failing)
     response = await client.post("/api/generate", json=body)
     lines = [json.loads(x) for x in (await response.text()).splitlines()]
     assert response.status == 200 and "error" in lines[-1] and all("error" not in x for x in lines[:-1])
-    monkeypatch.setattr(BatchGenerator, "next", original)
+    monkeypatch.setattr(SingleStream, "next", original)
     health = await (await client.get("/health")).json()
     assert health["memory"]["reserved_bytes"] == 0 and health["models"][0]["memory"]["kv_reserved_bytes"] == 0
     after = await client.post("/api/generate", json={**body, "stream": False})
