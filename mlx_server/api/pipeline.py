@@ -88,10 +88,6 @@ class Completion:
         tokenizer = self.lease.tokenizer
         return OutputParser(tokenizer, tools=tools, thinking=starts_in_thinking(tokenizer, self.prompt))
 
-    async def text(self) -> tuple[str, DoneEvent]:
-        parts = [e.text async for e in self.events() if isinstance(e, TextEvent)]
-        assert self.done is not None
-        return "".join(parts), self.done
 
 
 class PromptTooLong(BadRequest):
