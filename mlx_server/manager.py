@@ -160,9 +160,10 @@ class _Record:
 
     @property
     def protected(self) -> bool:
-        # `slots`: at the hand-off from a finished request to a queued one neither holds a
-        # lease, but the slot stays taken; requests waiting for a slot protect it too.
-        return self.state is not ModelState.READY or self.leases > 0 or self.admitted > 0 or self.slots.running > 0 or len(self.slots) > 0
+        # A slot is taken from admission to a request's last byte (leases and admitted
+        # requests hold one) and stays taken at the hand-off to a queued request;
+        # requests waiting for a slot protect the model too.
+        return self.state is not ModelState.READY or self.slots.running > 0 or len(self.slots) > 0
 
 
 @dataclass(slots=True)
