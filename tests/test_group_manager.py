@@ -8,8 +8,11 @@ import asyncio
 import pytest
 from test_manager import make, state, use
 
+from mlx_server.config import DistributedConfig
 from mlx_server.errors import LoadFailed
 from mlx_server.group.backend import DispatchBackend
+from mlx_server.group.process import GroupProcess
+from mlx_server.group.protocol import GroupInfo, RankInfo
 from mlx_server.manager import RETRY_FAILED_AFTER, ModelState
 
 
@@ -83,3 +86,18 @@ async def test_dispatch_sends_distributed_models_to_the_group_backend():
         ("engine", "prepare", "local:latest"), ("engine", "load", "local:latest"), ("engine", "unload", "local:latest"),
         ("group", "prepare", "split:latest"), ("group", "load", "split:latest"), ("group", "unload", "split:latest"),
     ]
+
+
+async def test_the_launchers_first_report_names_the_rank_that_ended_the_group(tmp_path):
+    """mlx.launch stops rank 0 once rank 1 dies, and may exit before the watcher sees
+    rank 1 go: its first report of a failed rank is the cause, not the last one."""
+    log = tmp_path / "group.log"
+    log.write_text(
+        "\x1b[33m[WARN] Node with rank 1 exited with code -9\x1b[0m\n"
+        "RuntimeError: [ring] connection to a peer was lost\n"
+        "\x1b[33m[WARN] Node with rank 0 exited with code -15\x1b[0m\n"
+    )
+    group = GroupProcess("pair:latest", DistributedConfig(ranks=2), tmp_path, on_death=lambda reason: None)
+    group.info = GroupInfo((RankInfo(0, "mac1", 101, 1), RankInfo(1, "mac1", 102, 1)))
+    group._log = log
+    assert group._cause() == "rank 1 (pid 102 on mac1) exited with code -9"

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from ..config import DistributedConfig
-from .protocol import GroupInfo, decode, encode
+from .protocol import GroupInfo, RankInfo, decode, encode
 
 log = logging.getLogger("mlx_server.group")
 
@@ -36,7 +36,9 @@ STOP_TIMEOUT = 10.0  # after SIGTERM, before SIGKILL
 WATCH_INTERVAL = 0.25
 TAIL_BYTES = 4000
 TAIL_LINES = 6
+CAUSE_BYTES = 256_000  # how far back to look for the launcher's first report of a failed rank
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LAUNCHER_RANK_END = re.compile(r"Node with rank (?P<rank>\d+) (?P<how>exited with code -?\d+|was killed)")
 LAUNCH = "from mlx._distributed_utils.launch import main; main()"  # mlx.launch, with this interpreter
 
 
@@ -191,18 +193,10 @@ class GroupProcess:
         return [r.pid for r in self.info.ranks if r.host == here]
 
     async def _watch(self) -> None:
-        while True:
-            if self._proc.returncode is not None:
-                reason = f"the group's launcher exited with code {self._proc.returncode}"
-                break
-            gone = [pid for pid in self.local_pids() if not _alive(pid)]
-            if gone:
-                rank = next(r for r in self.info.ranks if r.pid == gone[0])
-                reason = f"rank {rank.rank} (pid {rank.pid} on {rank.host}) exited"
-                break
+        while self._proc.returncode is None and not self._gone_ranks():
             await asyncio.wait({self._exited}, timeout=WATCH_INTERVAL)
         await asyncio.sleep(WATCH_INTERVAL)  # let the launcher write why
-        reason = f"{reason}: {self.tail()}"
+        reason = f"{self._cause()}: {self.tail()}"
         self.state = "failed"
         if not self.failure.done():
             self.failure.set_result(reason)
@@ -210,6 +204,24 @@ class GroupProcess:
         self._watcher = None  # stop() must not cancel the task that runs it
         self._on_death(reason)  # failed first: no request is sent to what is left of the group
         await self.stop()
+
+    def _gone_ranks(self) -> list[RankInfo]:
+        local = set(self.local_pids())
+        return [r for r in self.info.ranks if r.pid in local and not _alive(r.pid)]
+
+    def _cause(self) -> str:
+        """The rank that ended the group. mlx.launch stops every rank once one fails and
+        reports each end in order, so its first failure report names the cause even when
+        the launcher exited before the watcher saw that rank go."""
+        failed = _LAUNCHER_RANK_END.search(_ANSI.sub("", self._read_log(CAUSE_BYTES)))
+        if failed is not None:
+            rank = next((r for r in self.info.ranks if r.rank == int(failed["rank"])), None)
+            where = f" (pid {rank.pid} on {rank.host})" if rank else ""
+            return f"rank {failed['rank']}{where} {failed['how']}"
+        gone = self._gone_ranks()
+        if gone:
+            return f"rank {gone[0].rank} (pid {gone[0].pid} on {gone[0].host}) exited"
+        return f"the group's launcher exited with code {self._proc.returncode}"
 
     # -- stop -------------------------------------------------------------------
 
@@ -251,20 +263,24 @@ class GroupProcess:
 
     def tail(self) -> str:
         """The last lines the ranks and the launcher wrote, repeats and colours dropped."""
-        if self._log is None:
-            return "(no output)"
-        try:
-            with open(self._log, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return "(no output)"
+        text = self._read_log(TAIL_BYTES)
         lines: list[str] = []
         for line in _ANSI.sub("", text).splitlines()[1:] or [text]:  # the first may be cut
             line = line.strip()
             if line and (not lines or lines[-1] != line):
                 lines.append(line)
         return " | ".join(lines[-TAIL_LINES:]) or "(no output)"
+
+    def _read_log(self, limit: int) -> str:
+        """The last `limit` bytes of what the launcher and the ranks wrote."""
+        if self._log is None:
+            return ""
+        try:
+            with open(self._log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def status(self) -> GroupStatus:
         ranks: tuple[RankStatus, ...] = ()
