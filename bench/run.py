@@ -37,7 +37,7 @@ CACHE_PREFIX = 1500  # tokens shared by both turns of the prompt-cache chat
 CACHE_TOKENS = 16
 SMALL = {"hidden": 256, "layers": 4}  # ~2.5M parameters, ~10 MB
 BIG = {"hidden": 1024, "layers": 4}  # ~38M parameters, ~155 MB in float32
-FIGURES = ("one", "c8", "c32", "cache", "prefill", "gap", "alternating", "startup")
+FIGURES = ("one", "c8", "c32", "cache", "restart", "prefill", "gap", "alternating", "startup")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +51,11 @@ class Plan:
     alternating: int
     alternating_requests: int
     startup: int
+    restart: int
 
 
-QUICK = Plan(one=6, concurrency=2, cache=2, gap=2, alternating=2, alternating_requests=4, startup=2)
-FULL = Plan(one=20, concurrency=6, cache=5, gap=6, alternating=5, alternating_requests=6, startup=5)
+QUICK = Plan(one=6, concurrency=2, cache=2, gap=2, alternating=2, alternating_requests=4, startup=2, restart=1)
+FULL = Plan(one=20, concurrency=6, cache=5, gap=6, alternating=5, alternating_requests=6, startup=5, restart=3)
 
 
 def make_models(root: Path, real: bool) -> dict[str, Path]:
@@ -107,7 +108,7 @@ def measure(root: Path, api: str, real: bool, plan: Plan, only: set[str], notes:
     models = make_models(root, real)
     config = daemon_config(root, models)
     rows: list[Row] = []
-    if only - {"startup"}:
+    if only - {"startup", "restart"}:
         with ExitStack() as stack:
             daemon = stack.enter_context(DaemonProcess(config, log=root / "daemon.log"))
             for name, path in models.items():
@@ -115,9 +116,23 @@ def measure(root: Path, api: str, real: bool, plan: Plan, only: set[str], notes:
                     daemon.wait_ready(name, timeout=120)
             peer_url, _ = stack.enter_context(mlx_lm_server(models["small"], root / "mlx-lm.log"))
             rows += asyncio.run(measure_http(daemon, peer_url, models, api, real, plan, only, notes))
+    if "restart" in only:
+        rows += asyncio.run(measure_restart(root, models["small"], real, plan, notes))
     if "startup" in only:
         rows.append(figures.startup(config, models["small"], root, plan.startup))
     return rows
+
+
+async def measure_restart(root: Path, model: Path, real: bool, plan: Plan, notes: list[str]) -> list[Row]:
+    """On a daemon of its own, serving only the small model, with the disk prompt cache on."""
+    config = write_config(
+        root / "restart.yaml",
+        [{"name": "small", "source": str(model), "preload": True}],
+        defaults={"keep_alive": -1, "options": {"temperature": 0}},
+        memory={"disk_cache_gb": 1, "disk_cache_dir": str(root / "disk-cache")},
+    )
+    async with session() as http:
+        return await figures.restart_cache(http, load_raw(model, real=real), config, root, "small", CACHE_PREFIX, CACHE_TOKENS, plan.restart, notes)
 
 
 def print_logs(root: Path, lines: int = 40) -> None:

@@ -42,7 +42,6 @@ from .stats import EngineStats, LoadedWeights
 
 log = logging.getLogger("mlx_server.engine")
 
-LOAD_SLICE_SECONDS = 0.002  # longest a load may hold the thread between decode steps
 STATS_INTERVAL = 0.05
 IDLE_WAIT = 0.5  # how long the idle thread blocks on its inbox between stats updates
 
@@ -58,7 +57,6 @@ class Engine:
     def __init__(
         self,
         *,
-        load_slice_seconds: float = LOAD_SLICE_SECONDS,
         cache_limit_bytes: int | None = None,
         disk_cache_gb: float = 0.0,
         disk_cache_dir: Path | None = None,
@@ -67,7 +65,7 @@ class Engine:
         self._inbox_lock = threading.Lock()  # a command is queued only while the thread will take it
         self._closed: str | None = None  # why the inbox takes no more commands
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
-        self._load_slice = load_slice_seconds
+        self._load_stream: Any = None  # where weights are read, beside the generation stream; made on the thread
         self._cache_limit = cache_limit_bytes
         self._disk_cache_gb = disk_cache_gb if disk_cache_dir is not None else 0.0
         self._disk_cache_dir = disk_cache_dir
@@ -165,6 +163,7 @@ class Engine:
                 mx.set_wired_limit(limit)
             if self._cache_limit is not None:
                 mx.set_cache_limit(self._cache_limit)
+            self._load_stream = mx.new_stream(mx.default_device())
             self._disk = self._open_disk_cache()
             self._started.set()
             while not self._stopping:
@@ -283,7 +282,7 @@ class Engine:
         try:
             if command.name in self._runners:
                 raise RuntimeError(f"model '{command.name}' is already loaded")
-            self._loads.append(start_load(command))
+            self._loads.append(start_load(command, self._load_stream))
         except FATAL:
             raise
         except BaseException as e:
@@ -295,7 +294,7 @@ class Engine:
         loading = self._loads[0]
         command = loading.command
         try:
-            if not advance_load(loading, self._load_slice):
+            if not advance_load(loading, any(r.busy() for r in self._runners.values())):
                 return
             self._loads.pop(0)
             model = loading.model
@@ -318,8 +317,7 @@ class Engine:
             if loading in self._loads:
                 self._loads.remove(loading)
             self._runners.pop(command.name, None)
-            loading.model = None
-            loading.pending.clear()
+            loading.drop()
             return_memory()
             fail(command.done, e)
 
@@ -327,6 +325,7 @@ class Engine:
         before = libs.mx.get_active_memory()
         for loading in [l for l in self._loads if l.name == name]:
             self._loads.remove(loading)
+            loading.drop()
             fail(loading.command.done, RuntimeError(f"model '{name}' was unloaded while loading"))
         for job in [j for j in self._embeddings if j.name == name]:
             self._embeddings.remove(job)
