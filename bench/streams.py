@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-STREAM_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
+STREAM_TIMEOUT = aiohttp.ClientTimeout(total=1800, sock_read=600)  # the real model prefills 1,500 tokens in minutes here
 
 
 @dataclass(frozen=True, slots=True)
