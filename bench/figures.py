@@ -48,8 +48,10 @@ def ask(tag: str) -> list[dict[str, str]]:
 
 
 def counting(tag: str) -> list[dict[str, str]]:
-    """A unique chat the real model answers at length, with text on every token."""
-    return [{"role": "user", "content": f"{tag}: count from 1 to 1000, one number per line."}]
+    """A unique chat the real model answers at length, with text on every token. The tag
+    leads a system turn: without one, SmolLM2's template puts its default system prompt
+    first, a prefix every server would have cached and raw stream_generate would not."""
+    return [{"role": "system", "content": f"{tag}."}, {"role": "user", "content": "Count from 1 to 1000, one number per line."}]
 
 
 def steady_chats(raw: RawModel, tag: str, count: int, tokens: int) -> list[list[dict[str, str]]]:
