@@ -187,7 +187,10 @@ class Engine:
             if libs.mx is not None:
                 # MLX requires each thread that used it to clear its streams before it
                 # ends; otherwise the process can abort at exit ("terminate called").
+                # A load given up at stop or death may still be reading on its own stream.
                 libs.mx.synchronize()
+                if self._load_stream is not None:
+                    libs.mx.synchronize(self._load_stream)
                 libs.mx.clear_streams()
 
     def _working(self) -> bool:
