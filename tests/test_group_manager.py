@@ -101,3 +101,22 @@ async def test_the_launchers_first_report_names_the_rank_that_ended_the_group(tm
     group.info = GroupInfo((RankInfo(0, "mac1", 101, 1), RankInfo(1, "mac1", 102, 1)))
     group._log = log
     assert group._cause() == "rank 1 (pid 102 on mac1) exited with code -9"
+
+
+async def test_the_tail_cuts_tracebacks_to_their_exception_line(tmp_path):
+    """mlx.launch's traceback when it stops a rank that had not written its pid file yet
+    must not push the failed rank's own words out of the tail."""
+    log = tmp_path / "group.log"
+    log.write_text(
+        "\x1b[33m[WARN] Node with rank 1 exited with code 127\x1b[0m\n"
+        "/bin/bash: line 1: /nonexistent/bin/python: No such file or directory\n"
+        "Exception in thread Thread-2 (_thread_fn):\nTraceback (most recent call last):\n"
+        + "".join(f'  File "launch.py", line {n}, in terminate\n    command.terminate()\n' for n in range(6))
+        + "subprocess.CalledProcessError: Command 'rm None' returned non-zero exit status 1.\n"
+    )
+    group = GroupProcess("pair:latest", DistributedConfig(ranks=2), tmp_path, on_death=lambda reason: None)
+    group._log = log
+    assert group.tail() == (
+        "[WARN] Node with rank 1 exited with code 127 | /bin/bash: line 1: /nonexistent/bin/python: No such file or directory"
+        " | Exception in thread Thread-2 (_thread_fn): | subprocess.CalledProcessError: Command 'rm None' returned non-zero exit status 1."
+    )

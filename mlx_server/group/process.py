@@ -36,7 +36,7 @@ STOP_TIMEOUT = 10.0  # after SIGTERM, before SIGKILL
 WATCH_INTERVAL = 0.25
 TAIL_BYTES = 4000
 TAIL_LINES = 6
-CAUSE_BYTES = 256_000  # how far back to look for the launcher's first report of a failed rank
+LOG_BYTES = 256_000  # how far back the ranks' output is read for the launcher's first report of a failed rank
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LAUNCHER_RANK_END = re.compile(r"Node with rank (?P<rank>\d+) (?P<how>exited with code -?\d+|was killed)")
 LAUNCH = "from mlx._distributed_utils.launch import main; main()"  # mlx.launch, with this interpreter
@@ -213,15 +213,17 @@ class GroupProcess:
         """The rank that ended the group. mlx.launch stops every rank once one fails and
         reports each end in order, so its first failure report names the cause even when
         the launcher exited before the watcher saw that rank go."""
-        failed = _LAUNCHER_RANK_END.search(_ANSI.sub("", self._read_log(CAUSE_BYTES)))
-        if failed is not None:
-            rank = next((r for r in self.info.ranks if r.rank == int(failed["rank"])), None)
-            where = f" (pid {rank.pid} on {rank.host})" if rank else ""
-            return f"rank {failed['rank']}{where} {failed['how']}"
+        failed = _LAUNCHER_RANK_END.search(self._output())
         gone = self._gone_ranks()
-        if gone:
-            return f"rank {gone[0].rank} (pid {gone[0].pid} on {gone[0].host}) exited"
-        return f"the group's launcher exited with code {self._proc.returncode}"
+        if failed is not None:
+            number, how = int(failed["rank"]), failed["how"]
+        elif gone:
+            number, how = gone[0].rank, "exited"
+        else:
+            return f"the group's launcher exited with code {self._proc.returncode}"
+        rank = next((r for r in self.info.ranks if r.rank == number), None)
+        where = f" (pid {rank.pid} on {rank.host})" if rank else ""
+        return f"rank {number}{where} {how}"
 
     # -- stop -------------------------------------------------------------------
 
@@ -262,23 +264,34 @@ class GroupProcess:
     # -- reading ----------------------------------------------------------------
 
     def tail(self) -> str:
-        """The last lines the ranks and the launcher wrote, repeats and colours dropped."""
-        text = self._read_log(TAIL_BYTES)
+        """The last lines the ranks and the launcher wrote, repeats and colours dropped,
+        and each Python traceback cut to its exception line: mlx.launch's own traceback
+        when it stops a rank that had not yet written its pid file would otherwise push
+        the failed rank's words out."""
+        text = self._output()
+        window = text[-TAIL_BYTES:]
         lines: list[str] = []
-        for line in _ANSI.sub("", text).splitlines()[1:] or [text]:  # the first may be cut
+        in_traceback = False
+        for line in window.splitlines()[1 if len(window) < len(text) else 0 :]:  # the first may be cut
+            if line.startswith("Traceback (most recent call last)"):
+                in_traceback = True
+                continue
+            if in_traceback and line[:1].isspace():  # a frame; the exception line ends the traceback
+                continue
+            in_traceback = False
             line = line.strip()
             if line and (not lines or lines[-1] != line):
                 lines.append(line)
         return " | ".join(lines[-TAIL_LINES:]) or "(no output)"
 
-    def _read_log(self, limit: int) -> str:
-        """The last `limit` bytes of what the launcher and the ranks wrote."""
+    def _output(self) -> str:
+        """The last LOG_BYTES of what the launcher and the ranks wrote, colours dropped."""
         if self._log is None:
             return ""
         try:
             with open(self._log, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
-                return f.read().decode(errors="replace")
+                f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_BYTES))
+                return _ANSI.sub("", f.read().decode(errors="replace"))
         except OSError:
             return ""
 
