@@ -1,6 +1,7 @@
 """Soak: mixed traffic against one daemon for a set time, then what it left behind.
 
-    .venv/bin/python bench/soak.py --minutes 10 [--clients 6] [--seed 0] [--daemon-env NAME=VALUE ...]
+    .venv/bin/python bench/soak.py --minutes 10 [--clients 6] [--seed 0] [--max-concurrency 4]
+        [--queue-timeout 10] [--daemon-env NAME=VALUE ...]
 
 Starts `mlx-server serve` on a free loopback port with two tiny random-weight
 models under a memory budget that holds only one, so the models keep swapping.
@@ -10,8 +11,12 @@ requests dropped mid-prompt, malformed requests, loads and unloads. It prints
 requests served, errors by kind and status, 500s (as clients saw them and as the
 daemon counted them), leases left in /health, and the daemon's RSS after warm-up
 and at a checkpoint about every minute, each read in the same state (traffic
-paused, only the first model loaded). Exits 1 if a target is missed: zero 500s,
-zero leaked leases, RSS growth under 5%. Not part of the test suite.
+paused, only the first model loaded). At the end, /queue/stats must show no slot
+taken and nobody waiting, and every model must unload when asked (/api/ps empty):
+a slot leaked by a cancelled waiter shows there. Exits 1 if a target is missed:
+zero 500s, zero leaked leases or slots, every model evictable, RSS growth under 5%.
+A low --max-concurrency and a short --queue-timeout make the clients' disconnects and
+the queue's timeouts race the ends of other requests. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -120,8 +125,9 @@ async def answer(session: aiohttp.ClientSession, url: str, rng: random.Random) -
 
 
 async def drop_mid_stream(session: aiohttp.ClientSession, url: str, rng: random.Random) -> tuple[str, str]:
-    """Read a few lines of a long stream, then go away."""
-    body = {"model": rng.choice(MODELS), "prompt": "Tell me a long story.", "options": {"num_predict": 4000}}
+    """Read a few lines of a long stream, then go away. No num_predict, as Ollama's clients
+    send it: the request reserves what the context has left and streams until dropped."""
+    body = {"model": rng.choice(MODELS), "prompt": "Tell me a long story."}
     async with session.post(url + "/api/generate", json=body) as r:
         if r.status != 200:
             return kind_of(r.status, await r.text()), ""
@@ -233,6 +239,25 @@ async def daemon_500s(url: str) -> int:
     return sum(int(float(n)) for n in re.findall(r'^mlx_server_requests_total\{[^}]*status="5(?!03)\d\d"[^}]*\} (\S+)$', text, re.M))
 
 
+async def left_behind(url: str) -> tuple[int, list[str]]:
+    """(slots taken or waited for per /queue/stats, models that would not unload per /api/ps),
+    read once nothing runs: both must be empty."""
+    await settled(url)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with session.get(url + "/queue/stats") as r:
+            queues = await r.json()
+        taken = queues["queue_length"] + sum(m["running"] for m in queues["models"])
+        for name in MODELS:
+            await post(session, url + "/api/generate", {"model": name, "keep_alive": 0})
+        deadline = time.monotonic() + SETTLE
+        while True:
+            async with session.get(url + "/api/ps") as r:
+                resident = [m["name"] for m in (await r.json())["models"]]
+            if not resident or time.monotonic() > deadline:
+                return taken, resident
+            await asyncio.sleep(0.2)
+
+
 async def run_traffic(url: str, seconds: float, clients: int, seed: int, tally: Tally) -> None:
     until = time.monotonic() + seconds
     await asyncio.gather(*(client(url, until, random.Random(seed * 1000 + i), tally) for i in range(clients)))
@@ -258,18 +283,18 @@ async def same_state(url: str) -> dict:
     return await settled(url)
 
 
-async def soak(minutes: float, clients: int, seed: int, env: dict[str, str]) -> int:
+async def soak(minutes: float, clients: int, seed: int, env: dict[str, str], max_concurrency: int, queue_timeout: float) -> int:
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mlx-soak-") as tmp:
         root = Path(tmp)
         models = [
-            {"name": name, "source": str(make_test_model(root / name, seed=i)), "keep_alive": "5m", "max_concurrency": 4}
+            {"name": name, "source": str(make_test_model(root / name, seed=i)), "keep_alive": "5m", "max_concurrency": max_concurrency}
             for i, name in enumerate(MODELS)
         ]
         config = write_config(
             root / "models.yaml",
             models,
-            server={"max_queue": 16, "queue_timeout": "10s"},
+            server={"max_queue": 16, "queue_timeout": f"{queue_timeout:g}s"},
             memory={"budget_gb": BUDGET_GB, "prompt_cache_mb": 2},
         )
         with DaemonProcess(config, env=env) as daemon:
@@ -278,7 +303,8 @@ async def soak(minutes: float, clients: int, seed: int, env: dict[str, str]) -> 
             warmup = min(60.0, total * 0.2)
             rounds = max(1, round((total - warmup) / 60))  # a checkpoint about every minute
             extra = f", daemon env {' '.join(f'{k}={v}' for k, v in env.items())}" if env else ""
-            print(f"soak: {minutes:g} min, {clients} clients, daemon pid {pid} on {daemon.url}{extra}, load average {load_start[0]:.2f}", flush=True)
+            print(f"soak: {minutes:g} min, {clients} clients, max_concurrency {max_concurrency}, queue_timeout {queue_timeout:g}s, "
+                  f"daemon pid {pid} on {daemon.url}{extra}, load average {load_start[0]:.2f}", flush=True)
             await run_traffic(daemon.url, warmup, clients, seed, Tally())  # allocator pools and both models reach their working size
             start_report = await same_state(daemon.url)
             samples = [rss(pid)]
@@ -296,6 +322,7 @@ async def soak(minutes: float, clients: int, seed: int, env: dict[str, str]) -> 
                       f"load average {os.getloadavg()[0]:.2f}", flush=True)
             elapsed = time.monotonic() - started
             counted_500s = await daemon_500s(daemon.url)
+            slots_taken, unevictable = await left_behind(daemon.url)
             log = daemon.log_text()
         load_end = os.getloadavg()
 
@@ -311,14 +338,25 @@ async def soak(minutes: float, clients: int, seed: int, env: dict[str, str]) -> 
         first = log[log.rindex("\n", 0, log.index("Traceback")) + 1 :].splitlines()
         print("first traceback in the daemon log:\n    " + "\n    ".join(first[:60]))
     print(f"leases:     {leaked} left at the worst checkpoint; at the end: models " + ", ".join(f"{m['name']}={m['state']}" for m in report["models"]))
+    print(f"at the end: {slots_taken} slots taken or waited for (/queue/stats); still resident after unload: {', '.join(unevictable) or 'none'} (/api/ps)")
     print("slowest:    " + ", ".join(f"{k} {v:.1f}s" for k, v in sorted(tally.slowest.items(), key=lambda kv: -kv[1])))
     print(f"RSS:        {samples[0] / 1e6:.1f} MB after warm-up, {samples[-1] / 1e6:.1f} MB at the end ({growth:+.1%}); "
           f"at each checkpoint, with only {MODELS[0]} loaded: " + " ".join(f"{x / 1e6:.0f}" for x in samples) + " MB")
     print(f"MLX:        active {start_report['memory']['mlx_active_bytes'] / 1e6:.1f} -> {end_report['memory']['mlx_active_bytes'] / 1e6:.1f} MB, "
           f"cache {start_report['memory']['mlx_cache_bytes'] / 1e6:.1f} -> {end_report['memory']['mlx_cache_bytes'] / 1e6:.1f} MB")
     print(f"load avg:   {load_start[0]:.2f} at start, {load_end[0]:.2f} at the end (1 min); {os.cpu_count()} CPUs")
-    missed = [name for name, bad in (("500s", tally.server_errors or counted_500s), ("leaked leases", leaked), ("RSS growth", growth >= RSS_TARGET)) if bad]
-    print("targets:    " + (f"MISSED: {', '.join(missed)}" if missed else "met (zero 500s, zero leaked leases, RSS growth under 5%)"))
+    missed = [
+        name
+        for name, bad in (
+            ("500s", tally.server_errors or counted_500s),
+            ("leaked leases", leaked),
+            ("leaked slots", slots_taken),
+            ("unevictable models", unevictable),
+            ("RSS growth", growth >= RSS_TARGET),
+        )
+        if bad
+    ]
+    print("targets:    " + (f"MISSED: {', '.join(missed)}" if missed else "met (zero 500s, zero leaked leases or slots, every model evictable, RSS growth under 5%)"))
     return 1 if missed else 0
 
 
@@ -327,13 +365,16 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=6, help="concurrent clients (default 6)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-concurrency", type=int, default=4, help="each model's running slots (default 4)")
+    parser.add_argument("--queue-timeout", type=float, default=10.0, help="seconds a request waits for a slot or memory (default 10)")
     parser.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
                         help="set in the daemon's environment, e.g. MALLOC_ARENA_MAX=2 to compare allocator settings")
     args = parser.parse_args()
-    if args.minutes <= 0 or args.clients < 1 or not all("=" in e for e in args.daemon_env):
-        parser.error("--minutes must be positive, --clients at least 1, --daemon-env NAME=VALUE")
+    if args.minutes <= 0 or args.clients < 1 or args.max_concurrency < 1 or args.queue_timeout <= 0 or not all("=" in e for e in args.daemon_env):
+        parser.error("--minutes and --queue-timeout must be positive, --clients and --max-concurrency at least 1, --daemon-env NAME=VALUE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return asyncio.run(soak(args.minutes, args.clients, args.seed, dict(e.split("=", 1) for e in args.daemon_env)))
+    env = dict(e.split("=", 1) for e in args.daemon_env)
+    return asyncio.run(soak(args.minutes, args.clients, args.seed, env, args.max_concurrency, args.queue_timeout))
 
 
 if __name__ == "__main__":

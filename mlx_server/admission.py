@@ -49,6 +49,12 @@ def parse_priority(value: Any, *, param: str = "priority") -> Priority:
     raise BadRequest(f"'{param}' must be one of {', '.join(PRIORITY_NAMES)}, got {brief(value)}", param=param)
 
 
+def effective_priority(priority: Priority, since: float, now: float, aging: float) -> int:
+    """The level a request competes at after waiting since `since`: one level up per
+    `aging` seconds (0 = high). Slot queues and the memory queue order by it."""
+    return max(0, int(priority) - math.floor((now - since) / aging))
+
+
 @dataclass(frozen=True, slots=True)
 class Granted:
     """A slot was taken: how long the request waited for it, and at which priority."""
@@ -100,7 +106,7 @@ class SlotQueue:
 
     def effective(self, priority: Priority, since: float, now: float) -> int:
         """The level a request competes at after waiting since `since` (0 = high)."""
-        return max(0, int(priority) - math.floor((now - since) / self.aging))
+        return effective_priority(priority, since, now, self.aging)
 
     async def acquire(self, priority: Priority, timeout: float) -> Granted:
         """Take a slot, waiting up to `timeout` seconds; TimeoutError when none came."""
@@ -118,7 +124,8 @@ class SlotQueue:
                 self.release()  # granted as it gave up: the slot goes to the next one
             else:
                 waiter.granted.cancel()
-                self._waiters.remove(waiter)
+                if waiter in self._waiters:  # a release may have dropped it already
+                    self._waiters.remove(waiter)
             raise
         return Granted(priority, self._clock() - waiter.since)
 
@@ -128,9 +135,14 @@ class SlotQueue:
         self._grant()
 
     def _grant(self) -> None:
+        """Hand free slots to the best waiters. A waiter whose task was cancelled has its
+        future cancelled at once but leaves the list only when that task runs: it is skipped
+        here, or its slot would be taken by nobody, for good."""
         now = self._clock()
         while self.running < self.capacity and self._waiters:
             waiter = min(self._waiters, key=lambda w: (self.effective(w.priority, w.since, now), w.since, w.order))
             self._waiters.remove(waiter)
+            if waiter.granted.done():
+                continue
             self.running += 1
             waiter.granted.set_result(None)

@@ -11,7 +11,7 @@ from contextlib import suppress
 
 from aiohttp import web
 
-from .api import anthropic, ollama, openai, openapi, responses, status
+from .api import anthropic, ollama, openai, openapi, responses, status, ui
 from .api.keys import CONFIG, ENGINE, GROUPS, MANAGER, METRICS, REAPER, STARTED
 from .api.middlewares import access_log_middleware, errors_middleware, make_auth_middleware, make_cors_middleware, make_rate_limit_middleware
 from .config import Config
@@ -44,7 +44,7 @@ def create_app(
     app = web.Application(client_max_size=int(server.max_body_mb * (1 << 20)), middlewares=middlewares)
     app[CONFIG] = config
     app[STARTED] = time.monotonic()
-    for module in (ollama, openai, responses, anthropic, status, openapi):
+    for module in (ollama, openai, responses, anthropic, status, ui, openapi):
         module.add_routes(app)
     app[METRICS] = Metrics((m.name for m in config.models), (r.canonical for r in app.router.resources()))
     memory = config.memory
@@ -52,6 +52,7 @@ def create_app(
         cache_limit_bytes=None if memory.mlx_cache_limit_gb is None else int(memory.mlx_cache_limit_gb * GiB),
         disk_cache_gb=memory.disk_cache_gb,
         disk_cache_dir=memory.disk_cache_dir,
+        disk_cache_min_tokens=memory.disk_cache_min_tokens,
     )
     app[GROUPS] = GroupBackend(app[ENGINE])
     app.cleanup_ctx.append(_residency(probe, pressure or make_pressure_signal(memory, probe), on_engine_death))
@@ -76,6 +77,7 @@ def _residency(
             cache_bytes=backend.cache_bytes,
             kv_bytes=backend.kv_bytes,
             mlx_memory=backend.mlx_memory,
+            shrink_caches=backend.shrink_caches,
         )
         groups.on_failure = manager.fail
         reaper = Reaper(manager, config.memory, pressure)

@@ -107,8 +107,9 @@ class MemoryConfig:
     check_interval: float = 2.0
     max_loaded_models: int = 0
     prompt_cache_mb: float = 512.0  # per model, counted in its memory
-    disk_cache_gb: float = 0.0  # prompt caches kept on disk across unloads and restarts; 0 = off
-    disk_cache_dir: Path = _DEFAULT_DISK_CACHE_PATH
+    disk_cache_gb: float = 8.0  # prompt caches kept on disk across unloads and restarts; 0 = off
+    disk_cache_dir: Path = _DEFAULT_DISK_CACHE_PATH  # parsing takes $XDG_CACHE_HOME into account
+    disk_cache_min_tokens: int = 256  # the floor under the measured cost: shorter caches get no file
     mlx_cache_limit_gb: float | None = 1.0  # MLX's buffer cache of freed memory; None: MLX's default
 
 
@@ -270,7 +271,8 @@ def _server(file: str, raw: Any) -> ServerConfig:
     )
 
 
-def _memory(file: str, raw: Any, base: Path) -> MemoryConfig:
+def _memory(file: str, raw: Any, base: Path, models: tuple[ModelConfig, ...]) -> MemoryConfig:
+    from .gguf import default_cache_dir  # the state directory; here: importing the config stays free of numpy
     s = _Section(file, "memory", raw, set(MemoryConfig.__dataclass_fields__))
     memory = MemoryConfig(
         budget_gb=s.number("budget_gb", None, 0.0, 1e6, optional=True),
@@ -280,15 +282,27 @@ def _memory(file: str, raw: Any, base: Path) -> MemoryConfig:
         check_interval=s.duration("check_interval", 2.0),
         max_loaded_models=s.integer("max_loaded_models", 0, 0, 10**4),
         prompt_cache_mb=s.number("prompt_cache_mb", 512.0, 0.0, 1e7),
-        disk_cache_gb=s.number("disk_cache_gb", 0.0, 0.0, 1e6),
-        disk_cache_dir=_directory(s, "disk_cache_dir", DEFAULT_DISK_CACHE_DIR, base),
+        disk_cache_gb=s.number("disk_cache_gb", 8.0, 0.0, 1e6),
+        disk_cache_dir=_directory(s, "disk_cache_dir", str(default_cache_dir() / "prompt-cache"), base),
+        disk_cache_min_tokens=s.integer("disk_cache_min_tokens", 256, 1, 10**7),
         mlx_cache_limit_gb=s.number("mlx_cache_limit_gb", 1.0, 0.0, 1e6, optional=True),
     )
     if memory.low_water > memory.high_water:
         raise s.error("low_water", f"must not exceed high_water ({memory.high_water:g})")
     if memory.check_interval <= 0:
         raise s.error("check_interval", "must be a positive duration")
+    _check_disk_cache_dir(s, memory.disk_cache_dir, models)
     return memory
+
+
+def _check_disk_cache_dir(s: _Section, path: Path, models: tuple[ModelConfig, ...]) -> None:
+    """The disk cache files entries among whatever lies there: never a model's files or the state directory."""
+    from .disk_cache import refusal  # here: importing the config stays free of numpy and safetensors
+    for m in models:
+        if m.local and Path(m.source).is_relative_to(path):
+            raise s.error("disk_cache_dir", f"'{path}' is or contains the source directory of model '{m.name}' ({m.source})")
+    if reason := refusal(path):
+        raise s.error("disk_cache_dir", f"'{path}' cannot hold prompt caches: {reason}")
 
 
 def _directory(s: _Section, key: str, default: str, base: Path) -> Path:
@@ -492,7 +506,7 @@ def parse_config(raw: Any, *, file: str = "models.yaml", base: Path | None = Non
     return Config(
         path=None,
         server=_server(file, top.raw.get("server")),
-        memory=_memory(file, top.raw.get("memory"), base),
+        memory=_memory(file, top.raw.get("memory"), base, models),
         defaults=_defaults(file, top.raw.get("defaults")),
         models=models,
         default_model=default_model,

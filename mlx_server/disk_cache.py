@@ -12,6 +12,7 @@ API (engine thread only: MLX work, plain synchronous calls, no threads):
     hit = store.fetch(identity, prompt, min_reuse=n)     # DiskHit | None; picks by the index
     if hit: cache, rest = hit.cache, prompt[hit.reused:]
     store.save(identity, tokens, cache)                  # True if it is on disk now
+    store.read_rate                                      # bytes/s reading an entry back, measured; None before
 
 Files: `<directory>/<quoted model name>/<sha256 of the file>.safetensors`, in
 mlx_lm's `save_prompt_cache` format (so `mlx_lm` can read them too), with the
@@ -20,7 +21,14 @@ its metadata. The name is the file's own checksum: `fetch` verifies it before
 loading, so a corrupt or truncated file is never served (it is logged and
 deleted). An entry whose identity digest differs from the model's current one
 (other weights, config, mlx_lm version or cache classes) is foreign: logged,
-deleted, never served. Writes go to a temporary file, are fsynced, then renamed.
+deleted, never served. Writes go to a temporary file, are fsynced, then renamed
+(the folder is fsynced too), so a crash at any moment leaves either the whole entry
+or a temporary file that the next start deletes; that start also evicts down to
+`max_bytes` (a crash between a save's rename and its eviction leaves one entry over).
+Only the store's own files are ever deleted: its temporary files, files whose
+header carries its format marker, and files with an entry's name whose header
+cannot be read (torn). Anything else is left alone and not counted; a directory
+that holds a model, or contains the state directory, is refused.
 The index (tokens, size and last use of every entry) is read from the file
 headers when the store opens; last use is the file's mtime, so LRU order
 survives restarts. Eviction is LRU over all models within `max_bytes`.
@@ -31,10 +39,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
-import json
 import logging
 import os
-import struct
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -44,6 +51,9 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+from safetensors import safe_open
+
+from .gguf import default_cache_dir
 
 log = logging.getLogger("mlx_server.disk_cache")
 
@@ -51,8 +61,7 @@ FORMAT = "mlx-server-prompt-cache-1"
 MIN_DISK_REUSE = 16  # shared tokens below which loading a file is not worth it (as MIN_CACHE_REUSE)
 SUFFIX = ".safetensors"
 TEMP_PREFIX = ".tmp-"
-MAX_HEADER_BYTES = 64 << 20  # a header this large is not one of ours
-HASH_CHUNK = 8 << 20
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
 _META = "0."  # mlx_lm stores the caller's metadata under list index 0
 
 
@@ -105,34 +114,28 @@ def model_identity(name: str, model_dir: str | Path, cache: list) -> ModelIdenti
     return ModelIdentity(name, h.hexdigest())
 
 
+def refusal(directory: str | Path) -> str | None:
+    """Why `directory` must not be the cache directory, or None: the store files
+    entries one level below it, so model files there would be mixed with them."""
+    directory = Path(directory).expanduser().resolve()
+    state = default_cache_dir().resolve()
+    if state != directory and state.is_relative_to(directory):
+        return f"it contains the state directory '{state}'"
+    for pattern in ("config.json", "*.safetensors", "*/config.json", "*/model*.safetensors"):
+        if found := next(directory.glob(pattern), None):
+            return f"it holds a model ('{found}')"
+    return None
+
+
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_header(path: Path) -> dict[str, str]:
-    """The safetensors metadata of `path`, reading only the header."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise DiskCacheError("truncated header")
-        (size,) = struct.unpack("<Q", head)
-        if size > MAX_HEADER_BYTES:
-            raise DiskCacheError(f"header of {size} bytes")
-        raw = f.read(size)
-    if len(raw) < size:
-        raise DiskCacheError("truncated header")
-    try:
-        header = json.loads(raw)
-    except ValueError as e:
-        raise DiskCacheError(f"header is not JSON: {e}") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict):
-        raise DiskCacheError("no metadata")
-    return meta
+    """The safetensors metadata of `path` ({} if none); safetensors checks the header and the file's size."""
+    with safe_open(path, "numpy") as f:
+        return f.metadata() or {}
 
 
 def _encode_tokens(tokens: np.ndarray) -> str:
@@ -155,8 +158,12 @@ class DiskPromptCache:
     def __init__(self, directory: str | Path, max_bytes: int):
         self.directory = Path(directory).expanduser()
         self.max_bytes = max_bytes
+        if reason := refusal(self.directory):  # models.yaml is checked too; this sees the files as they are now
+            raise DiskCacheError(f"{self.directory} cannot hold prompt caches: {reason}")
         self.directory.mkdir(parents=True, exist_ok=True)
         self._entries: dict[Path, _Entry] = {}
+        self._reads: float | None = None  # bytes/s of whole loads (checksum, parse), smoothed
+        self._writes: float | None = None  # bytes/s of whole saves (serialise, fsync, checksum), smoothed
         started = time.perf_counter()
         for model_dir in sorted(p for p in self.directory.iterdir() if p.is_dir()):
             for path in sorted(model_dir.iterdir()):
@@ -173,6 +180,12 @@ class DiskPromptCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def read_rate(self) -> float | None:
+        """Bytes per second that reading an entry back costs: measured on this store's
+        loads; before any, its saves (a write also fsyncs, so it errs slow); else None."""
+        return self._reads if self._reads is not None else self._writes
 
     # --- lookup ---------------------------------------------------------------------
 
@@ -222,10 +235,9 @@ class DiskPromptCache:
         except Exception as e:  # whatever a bad file makes mlx raise: never served, never fatal
             self._discard(entry, f"{type(e).__name__}: {e}")
             return None
-        log.info(
-            "disk prompt cache: loaded %d tokens of '%s' (%.1f MB) in %.3fs",
-            len(entry.tokens), model.name, entry.nbytes / 1e6, time.perf_counter() - started,
-        )
+        seconds = time.perf_counter() - started
+        self._reads = _smoothed(self._reads, entry.nbytes / seconds)
+        log.info("disk prompt cache: loaded %d tokens of '%s' (%.1f MB) in %.3fs", len(entry.tokens), model.name, entry.nbytes / 1e6, seconds)
         return cache
 
     # --- saving ---------------------------------------------------------------------
@@ -260,7 +272,9 @@ class DiskPromptCache:
         folder = self.directory / quote(model.name, safe="")
         temp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}{SUFFIX}"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            if not folder.is_dir():
+                folder.mkdir(parents=True)
+                _fsync_dir(self.directory)  # the folder's own name, like each entry's, survives a power cut
             metadata = {
                 "mlx_server_format": FORMAT,
                 "mlx_server_model": model.name,
@@ -285,24 +299,31 @@ class DiskPromptCache:
                         and len(e.tokens) <= len(stored) and np.array_equal(e.tokens, stored[: len(e.tokens)])]:
                 self._remove(old)
         self._entries[path] = entry
-        log.info(
-            "disk prompt cache: saved %d tokens of '%s' (%.1f MB) in %.3fs",
-            len(stored), model.name, entry.nbytes / 1e6, time.perf_counter() - started,
-        )
+        seconds = time.perf_counter() - started
+        self._writes = _smoothed(self._writes, entry.nbytes / seconds)
+        log.info("disk prompt cache: saved %d tokens of '%s' (%.1f MB) in %.3fs", len(stored), model.name, entry.nbytes / 1e6, seconds)
         self._evict()  # the new entry, used last, goes only if it alone is too large
         return path in self._entries
 
     # --- the index ------------------------------------------------------------------
 
     def _index(self, path: Path) -> None:
+        """Index one of the store's files; delete it if it is unusable; leave any other file alone."""
+        if not path.is_file() or path.suffix != SUFFIX:
+            return
         if path.name.startswith(TEMP_PREFIX):  # a save cut short by a crash
             path.unlink(missing_ok=True)
             return
-        if not path.is_file() or path.suffix != SUFFIX:
-            return
         try:
             meta = _read_header(path)
-            if meta.get(_META + "mlx_server_format") != FORMAT:
+        except Exception as e:  # torn: deleted if it bears an entry's name
+            if _ENTRY_NAME.fullmatch(path.name):
+                self._discard_path(path, f"{type(e).__name__}: {e}")
+            return
+        if _META + "mlx_server_format" not in meta:
+            return  # not the store's: never deleted, not counted
+        try:
+            if meta[_META + "mlx_server_format"] != FORMAT:
                 raise DiskCacheError("not an mlx-server prompt cache of this format")
             stat = path.stat()
             entry = _Entry(
@@ -355,6 +376,10 @@ class DiskPromptCache:
             path.unlink(missing_ok=True)
         except OSError as e:
             log.warning("disk prompt cache: cannot delete %s: %s", path, e)
+
+
+def _smoothed(old: float | None, new: float) -> float:
+    return new if old is None else 0.5 * (old + new)
 
 
 def _compact(cache: list, lm_cache: Any) -> list:

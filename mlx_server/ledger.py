@@ -4,7 +4,8 @@ Pure arithmetic, no MLX and no I/O: the manager owns the figures and asks this
 module what they add up to. A model's footprint is its weights, its prompt cache,
 the KV caches of its running sequences and, while it loads, the weights it is
 about to read. A request's KV is reserved before it runs, from the model's
-config.json, so admission can say no (or wait) instead of an allocation failing.
+config.json's shape and the dtype the loaded model computes in, so admission can
+say no (or wait) instead of an allocation failing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 # mlx_lm's KVCache grows its buffers in steps of this many tokens (KVCache.step).
 KV_STEP = 256
+EMBED_ROWS = 16  # inputs per embedding slice at most
+EMBED_SLICE_TOKENS = 1024  # padded tokens per embedding slice at most (one input longer than this runs alone)
 
 _DTYPE_BYTES = {
     "float32": 4,
@@ -54,8 +57,9 @@ def kv_layout(config: dict[str, Any]) -> KvLayout | None:
     """The KV layout a model's config.json declares; None when it does not say enough.
 
     Multimodal configs keep the language model's fields under `text_config`. The
-    cache holds activations, so its dtype is the model's compute dtype (`torch_dtype`),
-    not the quantized weights' bits.
+    cache holds activations, so its dtype is the model's compute dtype, not the
+    quantized weights' bits: `torch_dtype` is only the hint used before the load
+    (the manager replaces it with what the loaded model measures).
     """
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
 
@@ -78,6 +82,59 @@ def kv_layout(config: dict[str, Any]) -> KvLayout | None:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardLayout:
+    """What a forward pass without a cache (an embedding slice) holds at its peak: about
+    10 x hidden + 5 x intermediate values per token (a layer's residual, norms, q/k/v,
+    attention output, the MLP's gate, up and product, as MLX keeps them alive), and each
+    row's attention scores with their softmax (1.25 x heads x width x width). The factors
+    are fitted, with a margin, to MLX's own peak memory (tests/test_embedding_memory.py)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    dtype_bytes: int
+
+    def peak_bytes(self, rows: int, width: int) -> int:
+        tokens = rows * width
+        per_token = 10 * self.hidden + 5 * self.intermediate
+        return self.dtype_bytes * (tokens * per_token + (5 * rows * self.heads * width * width) // 4)
+
+
+def forward_layout(config: dict[str, Any], dtype_bytes: int) -> ForwardLayout | None:
+    """From config.json's shape; None when it does not say enough."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    values = [config.get(k) or text.get(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        return None
+    return ForwardLayout(*values, dtype_bytes)
+
+
+def embedding_slice(lengths: list[int], start: int, budget: int) -> tuple[int, int]:
+    """(end, width): the inputs from `start` that one embedding slice runs, padded to `width`:
+    at most EMBED_ROWS of them, their padded tokens within `budget` (capped at
+    EMBED_SLICE_TOKENS), and always at least one. The engine slices so; the ledger
+    reserves the largest slice before the request runs."""
+    budget = min(budget, EMBED_SLICE_TOKENS)
+    end, width = start, 0
+    while end < len(lengths) and end - start < EMBED_ROWS:
+        wider = max(width, lengths[end])
+        if end > start and wider * (end - start + 1) > budget:
+            break
+        width, end = wider, end + 1
+    return end, width
+
+
+def embedding_peak(layout: ForwardLayout, lengths: list[int]) -> int:
+    """The most one slice of these inputs holds, sliced at the largest budget the engine uses."""
+    peak, start = 0, 0
+    while start < len(lengths):
+        end, width = embedding_slice(lengths, start, EMBED_SLICE_TOKENS)
+        peak = max(peak, layout.peak_bytes(end - start, width))
+        start = end
+    return peak
+
+
+@dataclass(frozen=True, slots=True)
 class ModelMemory:
     """One model's line in the ledger, in bytes."""
 
@@ -87,6 +144,7 @@ class ModelMemory:
     kv_reserved: int = 0  # what the running requests reserved before they ran
     kv_measured: int = 0  # what their caches hold now, as the engine measured
     loading: int = 0  # a load in progress: the weights it is reading
+    activations: int = 0  # what its running embedding requests reserved for their largest slice
 
     @property
     def kv(self) -> int:
@@ -95,7 +153,7 @@ class ModelMemory:
 
     @property
     def total(self) -> int:
-        return self.weights + self.prompt_cache + self.kv + self.loading
+        return self.weights + self.prompt_cache + self.kv + self.loading + self.activations
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +182,8 @@ class Ledger:
 
     @property
     def reserved(self) -> int:
-        """Bytes promised but not (all) allocated yet: KV reservations and loads."""
-        return sum(m.kv_reserved + m.loading for m in self.models)
+        """Bytes promised but not (all) allocated yet: KV and activation reservations, and loads."""
+        return sum(m.kv_reserved + m.loading + m.activations for m in self.models)
 
     @property
     def free(self) -> int:

@@ -41,10 +41,14 @@ class MlxBackend:
             size=weights.nbytes,
             context_length=context_length(model, prepared.info),
             details=describe(prepared.info, weights.parameters),
+            kv_itemsize=weights.kv_itemsize,
         )
 
     async def unload(self, name: str) -> int:
         return await self._engine.unload(name)
+
+    async def shrink_caches(self, nbytes: int) -> int:
+        return await self._engine.shrink_caches(nbytes)
 
     # What the engine measured, for the manager's ledger (snapshots: no MLX call here).
 

@@ -9,30 +9,37 @@ happens between two awaits. Models move through
 and every move goes through `_transition`. A lease (one per running request) is
 the only thing that protects a model; a model that is loading, leased, awaited by
 a request that was admitted to it or by one queued for its slot is never unloaded,
-by anything. Loads are admitted one at a time, so two cold loads cannot each
-wait for the other to make room.
+with one exception: a model whose every request is itself still waiting for memory
+(none has started) may be unloaded for the request at the head of the memory queue,
+and its requests load it again when their turn comes. Without it two models, each
+waiting for the other's memory, would both time out.
 
 Memory is counted in a ledger (`ledger.py`): weights, prompt caches, the KV that
-each running request reserved before it ran, and the weights of the load under
-way. A request that does not fit waits for idle models to be evicted or busy ones
-to finish, up to `queue_timeout`; one that could never fit is refused at once.
+each running request reserved before it ran (a batch pads every row to its longest,
+so a model's reservation is its longest context times its rows), and the weights of
+the loads under way, and what embedding requests reserved for their largest batch.
+Loads and reservations that do not fit wait in one memory queue, by priority with
+aging: its head unloads idle models (LRU), then asks the engine to give back prompt
+caches, then waits for busy models to finish, up to `queue_timeout`; a request that
+could never fit is refused at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from .admission import DEFAULT_PRIORITY, Granted, Priority, SlotQueue
+from .admission import DEFAULT_PRIORITY, Granted, Priority, SlotQueue, effective_priority
 from .config import FOREVER, Config, ModelConfig
 from .errors import (
     BadRequest,
@@ -43,7 +50,7 @@ from .errors import (
     QueueFull,
     ShuttingDown,
 )
-from .ledger import KvLayout, Ledger, MlxMemory, ModelMemory, kv_layout
+from .ledger import ForwardLayout, KvLayout, Ledger, MlxMemory, ModelMemory, embedding_peak, forward_layout, kv_layout
 
 log = logging.getLogger("mlx_server.manager")
 
@@ -84,6 +91,7 @@ class Loaded:
     size: int
     context_length: int
     details: dict[str, Any]
+    kv_itemsize: int | None = None  # bytes per KV value, measured on the loaded model; None: config.json decides
 
 
 class Backend(Protocol):
@@ -141,7 +149,18 @@ class _Record:
     load_admitted: bool = False  # a LOADING model whose turn has come: its weights count
     unload_requested: bool = False  # a manual unload waits for the last request to end
     layout: KvLayout | None = None  # what a token of KV costs; None: config.json does not say
-    kv_reserved: int = 0  # the KV its running requests reserved
+    kv_contexts: list[int] = field(default_factory=list)  # each running request's reserved context (prompt + max tokens)
+    waiting_for_memory: int = 0  # its leased requests still waiting in the memory queue (KV or activations)
+    forward: ForwardLayout | None = None  # what an embedding slice holds; None: config.json does not say
+    activations: int = 0  # what its running embedding requests reserved
+
+    def kv_reserved(self, contexts: list[int] | None = None) -> int:
+        """What a batch of `contexts` (default: the running ones) allocates at most: a
+        batch cache pads every row to the longest, so rows x the longest context."""
+        contexts = self.kv_contexts if contexts is None else contexts
+        if self.layout is None or not contexts:
+            return 0
+        return len(contexts) * self.layout.bytes_for(max(contexts))
 
     @property
     def name(self) -> str:
@@ -168,10 +187,27 @@ class _Record:
 
 @dataclass(slots=True)
 class _Ticket:
-    """One request's claim: when it must give up, and the KV it reserved."""
+    """One request's claim: its place in line, when it must give up, what it reserved."""
 
     deadline: float
-    kv: int = 0
+    priority: Priority
+    since: float
+    order: int  # arrival order: breaks ties between equal times
+    context: int = 0  # prompt + max tokens whose KV it reserved; 0: none
+    activations: int = 0  # bytes it reserved for its largest embedding slice
+
+
+@dataclass(slots=True)
+class _MemoryWaiter:
+    """A load, or a request's reservation (KV, embedding activations), waiting for memory."""
+
+    record: _Record  # the model it is for
+    ticket: _Ticket
+    holds: bool  # a request holding `record`'s lease: evicting `record` sends it back to load it
+
+
+class _ModelGone(Exception):
+    """The model of a request waiting for memory was unloaded for the queue's head."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +254,10 @@ class ModelSnapshot:
     memory: ModelMemory  # its line in the ledger
 
 
+async def _nothing_freed(nbytes: int) -> int:
+    return 0
+
+
 def pick_victim(records: list[_Record], exclude: _Record | None = None) -> _Record | None:
     """The least recently used model that nothing protects and nobody pinned."""
     idle = [r for r in records if r is not exclude and not r.protected and not r.config.pinned]
@@ -236,6 +276,7 @@ class Manager:
         cache_bytes: Callable[[str], int] = lambda name: 0,
         kv_bytes: Callable[[str], int] = lambda name: 0,
         mlx_memory: Callable[[], MlxMemory] = MlxMemory,
+        shrink_caches: Callable[[int], Awaitable[int]] = _nothing_freed,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ):
@@ -254,9 +295,12 @@ class Manager:
         memory = config.memory
         self.budget = int(memory.budget_gb * GiB) if memory.budget_gb is not None else max(0, total_memory - int(memory.reserve_gb * GiB))
         self._device_limit = device_limit  # Metal's recommended working set; None elsewhere
+        self._shrink_caches = shrink_caches
         self._changed = asyncio.Event()
-        self._load_turn = asyncio.Lock()  # one load at a time: admission, then reading weights
+        self._load_turn = asyncio.Lock()  # one load admitted at a time (its reading may overlap the next)
         self._loading: _Record | None = None  # whose turn it is
+        self._memory_queue: list[_MemoryWaiter] = []
+        self._arrivals = itertools.count()
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -277,8 +321,9 @@ class Manager:
                 record.name,
                 weights=record.size,
                 prompt_cache=self._cache_bytes(record.name),
-                kv_reserved=record.kv_reserved,
+                kv_reserved=record.kv_reserved(),
                 kv_measured=self._kv_bytes(record.name),
+                activations=record.activations,
             )
         if record.state is ModelState.UNLOADING:
             return ModelMemory(record.name, weights=record.size)
@@ -334,14 +379,15 @@ class Manager:
         record = self._records[self.resolve(name).name]
         if self._closing:
             raise ShuttingDown()
-        deadline = self._clock() + self.config.server.queue_timeout
-        ticket = _Ticket(deadline)
+        now = self._clock()
+        deadline = now + self.config.server.queue_timeout
         priority = next((p for p in (priority, record.config.priority) if p is not None), DEFAULT_PRIORITY)
+        ticket = _Ticket(deadline, priority, now, next(self._arrivals))
         await self._take_slot(record, deadline, priority)
         record.admitted_by[priority] += 1
         started = self._clock()
         try:
-            await self._ready(record, deadline)
+            await self._ready(record, ticket)
         except BaseException:
             record.admitted_by[priority] -= 1
             record.slots.release()
@@ -355,7 +401,9 @@ class Manager:
         try:
             yield Lease(record.name, record.config, record.tokenizer, record.context_length, self._clock() - started, ticket)
         finally:
-            record.kv_reserved -= ticket.kv
+            if ticket.context:
+                record.kv_contexts.remove(ticket.context)
+            record.activations -= ticket.activations
             record.leases -= 1
             record.last_used = self._clock()
             record.slots.release()
@@ -382,7 +430,7 @@ class Manager:
             self._notify()
         self._observer.slot_granted(record.name, granted)
 
-    async def _ready(self, record: _Record, deadline: float) -> None:
+    async def _ready(self, record: _Record, ticket: _Ticket) -> None:
         """Return once `record` is ready, loading it if needed (one load at a time)."""
         while record.state is not ModelState.READY:
             if self._closing:
@@ -390,7 +438,7 @@ class Manager:
             if record.state is ModelState.FAILED and self._clock() - record.failed_at < RETRY_FAILED_AFTER:
                 raise LoadFailed(record.name, record.error or "unknown error", retry_after=max(1.0, RETRY_FAILED_AFTER - (self._clock() - record.failed_at)))
             if record.state in (ModelState.UNLOADED, ModelState.FAILED):
-                self._start_load(record, deadline)
+                self._start_load(record, ticket)
             assert record.settled is not None
             # Not bounded here: admission gives up at the deadline and settles every waiter
             # with its 503; a load that is under way ends by itself.
@@ -401,9 +449,10 @@ class Manager:
     async def reserve(self, lease: Lease, prompt_tokens: int, max_tokens: int, *, flexible: bool) -> int:
         """Reserve the KV cache a request will fill before it runs; returns the tokens it may generate.
 
-        The reservation covers the prompt plus `max_tokens`, and ends with the lease.
-        Idle models are evicted to make room (LRU); otherwise the request waits for
-        busy ones until its `queue_timeout`, then gets a 503. A request that could never
+        The reservation covers the prompt plus `max_tokens` in a row as long as the
+        model's longest running context (a batch pads rows to the longest), and ends with
+        the lease. The request waits its turn in the memory queue (see `_wait_for_room`)
+        until its `queue_timeout`, then gets a 503. A request that could never
         fit, even with every other unpinned model gone, is a 400 at once, unless it is
         `flexible` (its `max_tokens` is only what the context has left, no num_predict
         was given): then it is lowered to what can fit, and the sequence stops there
@@ -413,14 +462,14 @@ class Manager:
         layout = record.layout
         if layout is None or max_tokens <= 0:
             return max_tokens
-        need = layout.bytes_for(prompt_tokens + max_tokens)
+        own = layout.bytes_for(prompt_tokens + max_tokens)
         room = self._ceiling() - self._fixed_bytes(record)
-        if need > room:
+        if own > room:
             fits = layout.tokens_within(room) - prompt_tokens
             if not flexible or fits <= 0:
                 raise BadRequest(
                     f"this request can never fit in memory: its KV cache ({prompt_tokens} prompt + {max_tokens} "
-                    f"generated tokens) needs {need / GiB:.3f} GiB, and {room / GiB:.3f} GiB of the "
+                    f"generated tokens) needs {own / GiB:.3f} GiB, and {room / GiB:.3f} GiB of the "
                     f"{self._ceiling() / GiB:.3f} GiB memory budget is left beside the weights of '{record.name}' and "
                     f"of the pinned models; send a shorter prompt or a smaller num_predict / max_tokens",
                     param="num_predict",
@@ -431,11 +480,44 @@ class Manager:
                 record.name, fits, max_tokens, room / GiB,
             )
             max_tokens = fits
-            need = layout.bytes_for(prompt_tokens + max_tokens)
-        await self._make_room(need, record, lease.ticket.deadline, f"the KV cache of a {prompt_tokens + max_tokens}-token request to '{record.name}'")
-        record.kv_reserved += need
-        lease.ticket.kv += need
+        context = prompt_tokens + max_tokens
+
+        def growth() -> int:
+            return record.kv_reserved([*record.kv_contexts, context]) - record.kv_reserved()
+
+        await self._reserve_room(growth, record, lease.ticket, f"the KV cache of a {context}-token request to '{record.name}'")
+        record.kv_contexts.append(context)
+        lease.ticket.context = context
         return max_tokens
+
+    async def reserve_activations(self, lease: Lease, lengths: list[int]) -> None:
+        """Reserve what the largest slice of an embedding request holds before the engine
+        runs it (a long input's attention scores grow with its length squared); it ends
+        with the lease. Waits like a KV reservation; a 400 if it could never fit."""
+        record = self._records[lease.name]
+        if record.forward is None or not lengths:
+            return
+        need = embedding_peak(record.forward, lengths)
+        room = self._ceiling() - self._fixed_bytes(record)
+        if need > room:
+            raise BadRequest(
+                f"these inputs can never be embedded in memory: their largest batch ({max(lengths)} tokens at most) "
+                f"needs {need / GiB:.3f} GiB of activations and {room / GiB:.3f} GiB of the {self._ceiling() / GiB:.3f} GiB "
+                f"memory budget is left beside the weights of '{record.name}'; send shorter inputs",
+                param="input",
+            )
+        await self._reserve_room(lambda: need, record, lease.ticket, f"embedding {len(lengths)} inputs with '{record.name}'")
+        record.activations += need
+        lease.ticket.activations += need
+
+    async def _reserve_room(self, need: Callable[[], int], record: _Record, ticket: _Ticket, what: str) -> None:
+        """`_make_room` for a request holding `record`'s lease: if the model is unloaded for
+        the head of the memory queue meanwhile, load it again, then wait on."""
+        while True:
+            try:
+                return await self._make_room(need, record, ticket, what)
+            except _ModelGone:
+                await self._ready(record, ticket)
 
     def _fixed_bytes(self, record: _Record) -> int:
         """What nothing can free while `record` serves: its own weights and pinned models' weights.
@@ -461,12 +543,15 @@ class Manager:
 
     # -- loading ----------------------------------------------------------------
 
-    def _start_load(self, record: _Record, deadline: float) -> None:
+    def _start_load(self, record: _Record, ticket: _Ticket) -> None:
         self._transition(record, ModelState.LOADING)
         record.settled = asyncio.get_running_loop().create_future()
-        record.load_task = self._spawn(self._load(record, deadline))
+        record.load_task = self._spawn(self._load(record, ticket))
 
-    async def _load(self, record: _Record, deadline: float) -> None:
+    async def _load(self, record: _Record, ticket: _Ticket) -> None:
+        """Prepare, take the load turn, make room, then read the weights. The turn covers
+        admission only: once admitted, the weights count in the ledger, so the next load
+        may be admitted beside them while these are read (a group's start takes minutes)."""
         started = self._clock()
         try:
             prepared = await self._backend.prepare(record.config)
@@ -474,14 +559,14 @@ class Manager:
             record.layout = kv_layout(prepared.info)
             if record.layout is None:
                 log.warning("'%s': config.json gives no KV layout (layers, KV heads, head dim): its KV is not reserved", record.name)
-            await self._take_load_turn(record, deadline)
+            await self._take_load_turn(record, ticket.deadline)
             try:
-                await self._admit(record, deadline)
+                await self._admit(record, ticket)
                 record.load_admitted = True
-                loaded = await self._backend.load(record.config, prepared)
             finally:
                 self._loading = None
                 self._load_turn.release()
+            loaded = await self._backend.load(record.config, prepared)
         except asyncio.CancelledError:
             self._fail(record, "loading was cancelled (shutting down)")
             raise
@@ -500,6 +585,9 @@ class Manager:
             return
         record.tokenizer = loaded.tokenizer
         record.size = loaded.size
+        if record.layout is not None and loaded.kv_itemsize:  # the weights, not the metadata, say what a token costs
+            record.layout = replace(record.layout, dtype_bytes=loaded.kv_itemsize)
+        record.forward = forward_layout(prepared.info, loaded.kv_itemsize or (record.layout.dtype_bytes if record.layout else 2))
         record.context_length = loaded.context_length
         record.details = loaded.details
         record.last_used = self._clock()
@@ -558,7 +646,7 @@ class Manager:
         device = self._device_limit()
         return self.budget if device is None else min(self.budget, device)
 
-    async def _admit(self, record: _Record, deadline: float) -> None:
+    async def _admit(self, record: _Record, ticket: _Ticket) -> None:
         """Make room for `record`'s weights: unload idle models (LRU), or wait for busy ones."""
         ceiling = self._ceiling()
         if record.size > ceiling:
@@ -571,43 +659,99 @@ class Manager:
                 retry_after=10.0,
             )
 
-        await self._wait_for_room(lambda: self._fits(record), record, deadline, refusal)
+        def short() -> int:
+            others = sum(self._memory_of(r) for r in self._records.values() if r.resident and r is not record)
+            return others + record.size - self._ceiling()
 
-    async def _make_room(self, need: int, record: _Record, deadline: float, what: str) -> None:
-        """Return once `need` more bytes fit under the ceiling beside everything held now."""
+        await self._wait_for_room(lambda: self._fits(record), short, _MemoryWaiter(record, ticket, holds=False), refusal)
+
+    async def _make_room(self, need: Callable[[], int], record: _Record, ticket: _Ticket, what: str) -> None:
+        """Return once `need()` more bytes fit under the ceiling beside everything held now;
+        _ModelGone when `record` was unloaded meanwhile for the head of the queue."""
+
+        def short() -> int:
+            return self._used() + need() - self._ceiling()
 
         def refusal() -> InsufficientMemory:
             return InsufficientMemory(
-                f"not enough memory for {what} ({need / GiB:.3f} GiB; {self._used() / GiB:.3f} of "
+                f"not enough memory for {what} ({need() / GiB:.3f} GiB; {self._used() / GiB:.3f} of "
                 f"{self._ceiling() / GiB:.3f} GiB budget in use, held by {self._holders(None)}); "
                 f"timed out waiting for running requests to finish",
                 retry_after=5.0,
             )
 
-        await self._wait_for_room(lambda: self._used() + need <= self._ceiling(), record, deadline, refusal)
+        await self._wait_for_room(lambda: short() <= 0, short, _MemoryWaiter(record, ticket, holds=True), refusal)
 
     async def _wait_for_room(
-        self, fits: Callable[[], bool], record: _Record, deadline: float, refusal: Callable[[], InsufficientMemory]
+        self, fits: Callable[[], bool], short: Callable[[], int], waiter: _MemoryWaiter, refusal: Callable[[], InsufficientMemory]
     ) -> None:
-        """Until `fits()`: unload idle models (LRU, never `record`), else wait for busy ones
-        to finish until `deadline`, then raise `refusal()`."""
-        waited = False
-        while not fits():
-            victim = pick_victim(list(self._records.values()), exclude=record)
-            if victim is not None:
-                await self._unload(victim, "lru")
-                continue
-            if not waited:
-                self._observer.admission_waited("memory")
-                waited = True
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                raise refusal()
-            self._changed.clear()
-            # Woken by any lease, load or unload; and every sweep interval, because what the
-            # engine measures (prompt caches, live KV) changes without telling the manager.
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, SWEEP_INTERVAL))
+        """Until `fits()` with nobody ahead in the memory queue (`short()`: the bytes
+        missing). Only the head makes room: it unloads idle models (LRU, never its own),
+        then models whose every request waits behind it, then asks for prompt caches back;
+        else it waits for busy models to finish. `refusal()` at the ticket's deadline."""
+        if not self._memory_queue and fits():
+            return
+        record = waiter.record
+        self._memory_queue.append(waiter)
+        record.waiting_for_memory += waiter.holds
+        try:
+            waited = False
+            while True:
+                if waiter.holds and record.state is not ModelState.READY:
+                    raise _ModelGone()
+                head = waiter is self._memory_head()
+                if head and fits():
+                    return
+                if head and await self._free_for(waiter, short()):
+                    continue
+                if not waited:
+                    self._observer.admission_waited("memory")
+                    waited = True
+                remaining = waiter.ticket.deadline - self._clock()
+                if remaining <= 0:
+                    raise refusal()
+                self._changed.clear()
+                # Woken by any lease, load, unload or change of head; and every sweep interval,
+                # because what the engine measures (prompt caches, live KV) changes silently.
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(remaining, SWEEP_INTERVAL))
+        finally:
+            self._memory_queue.remove(waiter)
+            record.waiting_for_memory -= waiter.holds
+            self._notify()
+
+    def _memory_head(self) -> _MemoryWaiter:
+        """The waiter served next: best priority after aging, then the earliest."""
+        now, aging = self._clock(), self.config.server.priority_aging
+        return min(
+            self._memory_queue,
+            key=lambda w: (effective_priority(w.ticket.priority, w.ticket.since, now, aging), w.ticket.since, w.ticket.order),
+        )
+
+    async def _free_for(self, waiter: _MemoryWaiter, short: int) -> bool:
+        """Free memory for the queue's head; False when nothing could be freed now."""
+        records = list(self._records.values())
+        victim = pick_victim(records, exclude=waiter.record) or self._stalled(waiter.record)
+        if victim is not None:
+            await self._unload(victim, "lru")
+            return True
+        cached = sum(self._cache_bytes(r.name) for r in records if r.state is ModelState.READY)
+        if short > 0 and cached > 0:
+            freed = await self._shrink_caches(short)
+            if freed > 0:
+                log.info("gave back %.1f MB of prompt caches for memory", freed / 1e6)
+                return True
+        return False
+
+    def _stalled(self, exclude: _Record) -> _Record | None:
+        """A ready, unpinned model (not `exclude`) whose every request is waiting in the memory
+        queue: none has started, so unloading it breaks nothing, and each loads it again later."""
+        stalled = [
+            r for r in self._records.values()
+            if r is not exclude and r.state is ModelState.READY and not r.config.pinned
+            and r.leases > 0 and r.leases == r.waiting_for_memory and r.admitted == 0
+        ]
+        return min(stalled, key=lambda r: r.last_used, default=None)
 
     def _holders(self, exclude: _Record | None) -> str:
         """Who holds the memory, for a 503 that says why."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .admission import Granted, Priority
@@ -57,6 +57,9 @@ class LiveReading:
     mlx_cache_bytes: int = 0
     group_ranks_up: dict[str, int] = field(default_factory=dict)  # distributed models only
     reserved_bytes: int = 0  # KV reservations and loads under way
+    pressure_level: int = 0  # 0 normal, 1 warning, 2 critical
+    cache_spills: dict[str, int] = field(default_factory=dict)  # prompt-cache entries given back for memory, ever
+    cache_drops: dict[str, int] = field(default_factory=dict)
 
 
 class _LiveCollector(Collector):
@@ -81,12 +84,25 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_memory_reserved_bytes", "Memory promised before use: KV reservations and loads under way", value=reading.reserved_bytes)
         yield _queue_depth(reading)
         yield GaugeMetricFamily(f"{PREFIX}_system_memory_available_bytes", "Host memory available (psutil)", value=reading.system_available_bytes)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_memory_pressure_level",
+            "Host memory pressure: 0 normal, 1 warning, 2 critical (macOS: the kernel's level; elsewhere: high_water)",
+            value=reading.pressure_level,
+        )
         yield GaugeMetricFamily(f"{PREFIX}_mlx_active_memory_bytes", "Memory MLX has allocated", value=reading.mlx_active_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_mlx_cache_memory_bytes", "Memory in MLX's buffer cache", value=reading.mlx_cache_bytes)
         ranks = GaugeMetricFamily(f"{PREFIX}_group_ranks_up", "Ranks of a distributed model's group that are up", labels=["model"])
         for name, up in reading.group_ranks_up.items():
             ranks.add_metric([name], float(up))
         yield ranks
+        for what, counts, help_text in (
+            ("spills", reading.cache_spills, "Prompt-cache entries written to the disk tier to free memory for a load or a request"),
+            ("drops", reading.cache_drops, "Prompt-cache entries dropped to free memory (no disk tier, or too short for a file)"),
+        ):
+            family = CounterMetricFamily(f"{PREFIX}_prompt_cache_{what}", help_text, labels=["model"])
+            for model in reading.models:
+                family.add_metric([model.name], float(counts.get(model.name, 0)))
+            yield family
 
 
 def _queue_depth(reading: LiveReading) -> GaugeMetricFamily:
@@ -111,6 +127,7 @@ class Metrics:
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time from admission to the first token", ["model"], buckets=TTFT_BUCKETS, registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens_total", "Prompt tokens processed", ["model"], registry=r)
         self.generated_tokens = Counter(f"{PREFIX}_generated_tokens_total", "Tokens generated", ["model"], registry=r)
+        self.cached_tokens = Counter(f"{PREFIX}_prompt_cached_tokens_total", "Prompt tokens served from a prompt cache (memory or disk), not prefilled", ["model"], registry=r)
         self.loads = Counter(f"{PREFIX}_model_loads_total", "Model loads by result", ["model", "result"], registry=r)
         self.load_duration = Histogram(f"{PREFIX}_model_load_duration_seconds", "Model load time", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.evictions = Counter(f"{PREFIX}_model_evictions_total", "Model unloads by reason", ["model", "reason"], registry=r)
@@ -128,6 +145,7 @@ class Metrics:
         for name in self._models.values():
             self.prompt_tokens.labels(name)
             self.generated_tokens.labels(name)
+            self.cached_tokens.labels(name)
 
     def model_label(self, name: str | None) -> str:
         """The configured name a request meant (":latest" implied, any case), else "other"."""
@@ -146,9 +164,10 @@ class Metrics:
         self.requests.labels(endpoint, self.model_label(model), str(status)).inc()
         self.request_duration.labels(endpoint).observe(seconds)
 
-    def observe_generation(self, model: str, prompt_tokens: int, generated_tokens: int, ttft: float | None) -> None:
+    def observe_generation(self, model: str, prompt_tokens: int, generated_tokens: int, ttft: float | None, cached_tokens: int = 0) -> None:
         label = self.model_label(model)
         self.prompt_tokens.labels(label).inc(prompt_tokens)
+        self.cached_tokens.labels(label).inc(cached_tokens)
         self.generated_tokens.labels(label).inc(generated_tokens)
         if ttft is not None:
             self.ttft.labels(label).observe(ttft)

@@ -194,9 +194,12 @@ def free_port() -> int:
 
 
 def write_config(path: str | Path, models: list[dict], **sections: dict) -> Path:
-    """A models.yaml with `models` and any of the server/memory/defaults sections."""
+    """A models.yaml with `models` and any of the server/memory/defaults sections. The disk
+    prompt cache (on by default) goes beside the file, one folder per file, unless `memory`
+    names another: a test or benchmark never writes into the user's state directory."""
     path = Path(path)
-    path.write_text(yaml.safe_dump({**sections, "models": models}, sort_keys=False))
+    memory = {"disk_cache_dir": str(path.with_name(f"{path.stem}-prompt-cache")), **sections.get("memory", {})}
+    path.write_text(yaml.safe_dump({**sections, "memory": memory, "models": models}, sort_keys=False))
     return path
 
 

@@ -57,8 +57,10 @@ def real_daemon(tmp_path_factory, real_model):
 
 
 def make_config(models: list[dict], **sections):
-    """A Config from plain dicts, like models.yaml would give."""
-    return parse_config({**sections, "models": models})
+    """A Config from plain dicts, like models.yaml would give. The disk prompt cache is off
+    unless `memory` turns it on: an in-process app has no folder of its own to keep it in."""
+    memory = {"disk_cache_gb": 0, **sections.get("memory", {})}
+    return parse_config({**sections, "memory": memory, "models": models})
 
 
 @pytest.fixture

@@ -140,6 +140,51 @@ async def test_a_waiter_granted_as_it_is_cancelled_passes_the_slot_on():
     await asyncio.gather(*run.tasks)
 
 
+async def test_a_waiter_cancelled_before_a_release_is_not_granted():
+    """Cancel, then a release in the same loop turn (a client gone as another request ends):
+    the cancelled waiter's future is already cancelled but it is still listed; it must not
+    take the slot, or the slot leaks for good."""
+    run = Run()
+    await run.take("holder", LOW)
+    await run.arrive("gone", HIGH)
+    gone = run.tasks.pop()
+    gone.cancel()
+    run.queue.release()  # before "gone" runs and removes itself
+    await settle()
+    assert gone.cancelled()
+    assert run.queue.running == 0 and len(run.queue) == 0 and not run.queue.full
+    await run.arrive("next", LOW)
+    await asyncio.gather(*run.tasks)
+    assert run.served == ["holder", "next"] and run.queue.running == 1
+    run.queue.release()
+    assert run.queue.running == 0
+
+
+async def test_a_manager_lease_cancelled_as_another_ends_leaves_the_model_evictable():
+    """Through the manager at max_concurrency 1: the waiter's cancel and the holder's end in
+    one loop turn leave no slot taken, so keep_alive is armed and the model can go."""
+    from test_manager import hold, make
+
+    manager, _ = make([{"name": "a", "max_concurrency": 1, "keep_alive": "5m"}])
+    running, release = await hold(manager, "a")
+
+    async def waiter() -> None:
+        async with manager.lease("a"):
+            pass
+
+    queued = asyncio.create_task(waiter())
+    await settle()
+    release.set()  # the holder runs first and releases its slot ...
+    queued.cancel()  # ... while the waiter, cancelled, has not run yet
+    results = await asyncio.gather(running, queued, return_exceptions=True)
+    assert results[0] is None and isinstance(results[1], asyncio.CancelledError)
+    await settle()
+    record = manager._records["a:latest"]
+    assert record.slots.running == 0 and len(record.slots) == 0 and record.leases == 0
+    assert not record.protected and record.expires_at is not None
+    assert await manager.unload("a") == "unloaded"
+
+
 def test_priority_names_parse_in_any_case_and_bad_ones_are_named():
     assert parse_priority("HIGH") is HIGH and parse_priority(" low ") is LOW and parse_priority("medium") is MEDIUM
     for bad in ("urgent", "", 1, None):

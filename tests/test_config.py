@@ -149,10 +149,13 @@ def test_relative_source_resolves_against_the_config_file(tmp_path, test_model):
     assert config.models[0].local and Path(config.models[0].source).is_dir()
 
 
-def test_disk_cache_is_off_by_default_and_its_directory_resolves_like_a_source(tmp_path, monkeypatch):
+def test_disk_cache_is_on_by_default_under_the_state_directory_and_resolves_like_a_source(tmp_path, monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     memory = parse_config({}).memory
-    assert memory.disk_cache_gb == 0
+    assert memory.disk_cache_gb == 8.0 and memory.disk_cache_min_tokens == 256
     assert memory.disk_cache_dir == Path("~/.cache/mlx-server/prompt-cache").expanduser().resolve()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert parse_config({}).memory.disk_cache_dir == (tmp_path / "xdg" / "mlx-server" / "prompt-cache").resolve()
     config = load_config(write(tmp_path, "memory: {disk_cache_gb: 20, disk_cache_dir: state/prompts}\n"), env={})
     assert config.memory.disk_cache_gb == 20.0 and config.memory.disk_cache_dir == tmp_path.resolve() / "state" / "prompts"
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

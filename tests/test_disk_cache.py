@@ -116,6 +116,18 @@ def test_the_longest_shared_prefix_wins_and_is_trimmed_to_it(tmp_path, model, id
     assert store.fetch(identity, second[:110] + [5], min_reuse=110).reused == 110
 
 
+def test_the_read_rate_is_measured_by_loads_and_before_any_by_saves(tmp_path, model, identity, vocab):
+    """What the disk tier weighs against prefill: bytes per second, measured here."""
+    tokens = prompt_tokens(vocab, 100, seed=40)
+    store = DiskPromptCache(tmp_path, 1 << 30)
+    assert store.read_rate is None
+    store.save(identity, tokens, prefill(model, tokens))
+    assert store.read_rate > 1e6  # a saved entry's bytes over the whole save
+    reopened = DiskPromptCache(tmp_path, 1 << 30)
+    assert reopened.read_rate is None  # the index read is not a load
+    assert reopened.fetch(identity, tokens + [1]) is not None and reopened.read_rate > 1e6
+
+
 def test_a_cache_that_does_not_hold_exactly_the_tokens_is_not_saved(tmp_path, model, identity, vocab, caplog):
     tokens = prompt_tokens(vocab, 60, seed=30)
     store = DiskPromptCache(tmp_path, 1 << 30)

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from engine_helpers import LONG, run, start_engine
+from engine_helpers import LONG, fail_nth_call, run, start_engine
 
 from mlx_server.engine import libs
 from mlx_server.engine.prompt_cache import PromptCache
@@ -88,20 +88,11 @@ async def test_cancel_stops_a_sequence_within_a_step(engine):
 async def test_an_mlx_error_in_a_step_fails_those_requests_not_the_engine(engine, monkeypatch):
     from mlx_lm.generate import BatchGenerator
 
-    original = BatchGenerator.next
-    calls = {"n": 0}
-
-    def failing_next(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise MemoryError("simulated")
-        return original(self)
-
-    monkeypatch.setattr(BatchGenerator, "next", failing_next)
+    restore = fail_nth_call(monkeypatch, BatchGenerator, "next", 3, MemoryError("simulated"))
     # Two requests share the batch (one alone would run on its single stream).
     results = await asyncio.gather(run(engine, "boom", max_tokens=50), run(engine, "boom too", max_tokens=50))
     assert all(isinstance(last, ErrorEvent) and "out of memory" in last.error.message for _, last in results)
-    monkeypatch.setattr(BatchGenerator, "next", original)
+    restore()
     text, done = await run(engine, "after", max_tokens=8)
     assert isinstance(done, DoneEvent) and done.completion_tokens == 8 and engine.alive
 

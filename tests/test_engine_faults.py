@@ -8,7 +8,7 @@ import ctypes
 import time
 
 import pytest
-from engine_helpers import LONG, run, start_engine
+from engine_helpers import LONG, fail_nth_call, run, start_engine
 
 from mlx_server.engine import Engine
 from mlx_server.engine.prompt_cache import PromptCache
@@ -109,16 +109,7 @@ async def test_an_exception_in_token_handling_fails_only_its_sequence(engine, mo
 async def test_a_batch_step_that_raises_a_base_exception_fails_that_batch_only(engine, monkeypatch):
     from mlx_lm.generate import BatchGenerator
 
-    original = BatchGenerator.next
-    calls = {"n": 0}
-
-    def failing(self):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise FakePanic("simulated panic in a batch step")
-        return original(self)
-
-    monkeypatch.setattr(BatchGenerator, "next", failing)
+    fail_nth_call(monkeypatch, BatchGenerator, "next", 4, FakePanic("simulated panic in a batch step"))
     # Two unseeded requests share the batch (one alone would run on its single stream).
     *batched, seeded = await asyncio.gather(*(run(engine, f"batched {i}", max_tokens=20) for i in range(2)), run(engine, "seeded", max_tokens=20, options=SEEDED))
     assert all(isinstance(b[1], ErrorEvent) and "FakePanic" in b[1].error.message for b in batched)

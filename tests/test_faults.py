@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from conftest import make_config
+from engine_helpers import fail_nth_call
 from mlx_server.testing import DaemonProcess, write_config
 
 
@@ -82,22 +83,13 @@ async def test_an_mlx_error_mid_stream_is_an_error_line_and_the_next_request_wor
     # A lone request decodes on its own single stream, not in the batch.
     from mlx_server.engine.single import SingleStream
 
-    original = SingleStream.next
-    calls = {"n": 0}
-
-    def failing(self):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("[metal::malloc] Resource limit exceeded (simulated)")
-        return original(self)
-
-    monkeypatch.setattr(SingleStream, "next", failing)
+    restore = fail_nth_call(monkeypatch, SingleStream, "next", 6, RuntimeError("[metal::malloc] Resource limit exceeded (simulated)"))
     response = await client.post("/api/generate", json=body)
     assert response.status == 200
     lines = [json.loads(x) for x in (await response.text()).splitlines()]
     assert lines[0]["done"] is False and "Resource limit exceeded" in lines[-1]["error"]
     assert all("error" not in x for x in lines[:-1])
-    monkeypatch.setattr(SingleStream, "next", original)
+    restore()
     after = await client.post("/api/generate", json={**body, "stream": False})
     assert after.status == 200 and (await after.json())["done"] is True
     assert (await (await client.get("/health")).json())["models"][0]["active_requests"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import make_config
+from engine_helpers import fail_nth_call
 
 from mlx_server.reaper import DarwinPressure, HostMemory
 
@@ -38,20 +39,11 @@ async def test_an_allocation_failure_fails_only_its_request_and_returns_its_rese
     # A lone request decodes on its own single stream, not in the batch.
     from mlx_server.engine.single import SingleStream
 
-    original = SingleStream.next
-    calls = {"n": 0}
-
-    def failing(self):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise MemoryError("CPU allocation failed (simulated)")
-        return original(self)
-
-    monkeypatch.setattr(SingleStream, "next", failing)
+    restore = fail_nth_call(monkeypatch, SingleStream, "next", 4, MemoryError("CPU allocation failed (simulated)"))
     response = await client.post("/api/generate", json=body)
     lines = [json.loads(x) for x in (await response.text()).splitlines()]
     assert response.status == 200 and "error" in lines[-1] and all("error" not in x for x in lines[:-1])
-    monkeypatch.setattr(SingleStream, "next", original)
+    restore()
     health = await (await client.get("/health")).json()
     assert health["memory"]["reserved_bytes"] == 0 and health["models"][0]["memory"]["kv_reserved_bytes"] == 0
     after = await client.post("/api/generate", json={**body, "stream": False})

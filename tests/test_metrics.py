@@ -199,3 +199,23 @@ async def test_promtool_accepts_the_exposition(client):
     await wait_health(client, lambda m: m["state"] == "unloaded")
     response = await client.get("/metrics")
     promtool_check(await response.read())
+
+
+def test_prompt_cache_spills_and_drops_are_counters_per_model():
+    metrics = Metrics(["demo:latest"], [])
+    metrics.bind_live(lambda: LiveReading([LiveModel("demo:latest", True, 1, 0)], cache_spills={"demo:latest": 2}, cache_drops={}))
+    text = metrics.exposition().decode()
+    assert "# TYPE mlx_server_prompt_cache_spills_total counter" in text
+    assert value(text, "mlx_server_prompt_cache_spills_total", model="demo:latest") == 2
+    assert value(text, "mlx_server_prompt_cache_drops_total", model="demo:latest") == 0
+
+
+def test_pressure_level_and_cached_prompt_tokens_are_exported():
+    metrics = Metrics(["demo:latest"], [])
+    metrics.bind_live(lambda: LiveReading([LiveModel("demo:latest", True, 1, 0)], pressure_level=2))
+    metrics.observe_generation("demo", 100, 5, 0.1, cached_tokens=64)
+    metrics.observe_generation("demo", 50, 5, 0.1)
+    text = metrics.exposition().decode()
+    assert value(text, "mlx_server_memory_pressure_level") == 2
+    assert value(text, "mlx_server_prompt_cached_tokens_total", model="demo:latest") == 64
+    assert value(text, "mlx_server_prompt_tokens_total", model="demo:latest") == 150

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from mlx_server.api.responses import ResponseStore, input_messages, response_tools
+from mlx_server.api.responses import ResponseNotFound, ResponseStore, input_messages, response_tools
 
 pytestmark = pytest.mark.live
 
@@ -85,15 +85,17 @@ def test_hosted_tools_are_left_out_with_a_warning(client, live):
     assert r.json()["warnings"] == ["tools[0]: web_search tools cannot run on this server; left out of the prompt"]
 
 
-def test_previous_response_id_continues_the_conversation_and_unknown_ids_are_404(client):
+def test_previous_response_id_continues_the_conversation_and_unknown_ids_are_400_as_openai_answers(client):
     first = client.responses.create(model="demo", input="My name is Ada.", max_output_tokens=3)
     second = client.responses.create(model="demo", input="What is my name?", previous_response_id=first.id, max_output_tokens=1)
     alone = client.responses.create(model="demo", input="What is my name?", max_output_tokens=1)
     assert second.usage.input_tokens > alone.usage.input_tokens + 3 and second.previous_response_id == first.id
     assert client.responses.retrieve(first.id).id == first.id
-    with pytest.raises(openai.NotFoundError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model="demo", input="x", previous_response_id="resp_nope")
-    assert e.value.body["param"] == "previous_response_id" and "resp_nope" in e.value.body["message"]
+    assert e.value.body["param"] == "previous_response_id" and "Previous response with id 'resp_nope' not found" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_nope")
     unstored = client.responses.create(model="demo", input="x", max_output_tokens=1, store=False)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
@@ -154,6 +156,24 @@ def test_the_store_is_bounded_in_count_and_age():
     now[0] = 11
     with pytest.raises(Exception, match="r2"):
         store.get("r2")
+
+
+def test_the_store_is_bounded_in_bytes_oldest_first():
+    store = ResponseStore(max_bytes=1000)
+    conversation = [{"role": "user", "content": "x" * 300}]  # 345 bytes of JSON with its response: two fit
+    for i in range(4):
+        store.put({"id": f"r{i}"}, conversation)
+    for evicted in ("r0", "r1"):
+        with pytest.raises(ResponseNotFound, match=evicted):
+            store.get(evicted)
+    assert [store.get(f"r{i}").conversation for i in (2, 3)] == [conversation, conversation]
+    store.delete("r2")
+    store.put({"id": "r4"}, conversation)
+    assert store.get("r3").response == {"id": "r3"}  # the deleted response's bytes were given back
+    store.put({"id": "huge"}, [{"role": "user", "content": "x" * 1000}])
+    with pytest.raises(ResponseNotFound, match="huge"):
+        store.get("huge")
+    assert store.get("r3").response == {"id": "r3"}  # too large to keep, so it evicted nothing
 
 
 def test_function_calls_join_the_assistant_turn_and_outputs_learn_their_names():

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.live
 
 CONTEXT = 64  # tokens: a fuzzed request that generates stops within a fraction of a second
 EXAMPLES = 10  # per operation and phase
-OPERATIONS = 26
+OPERATIONS = 27
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_headers_conformance", "response_schema_conformance")
 
 

@@ -354,6 +354,7 @@ async def embed_inputs(
         request[MODEL_KEY] = lease.name
         limit = min(lease.context_length, num_ctx or lease.context_length)
         ids = await asyncio.to_thread(_embedding_ids, lease.tokenizer, inputs, limit, truncate, param)
+        await app[MANAGER].reserve_activations(lease, [len(t) for t in ids])
         vectors = await app[ENGINE].embed(lease.name, ids) if ids else []
     tokens = sum(map(len, ids))
     app[METRICS].observe_generation(lease.name, tokens, 0, None)

@@ -507,6 +507,7 @@ def status_paths() -> dict[str, Any]:
         "/health": {"get": get("ollama", "Liveness, models and memory", {"application/json": health}, ()) | {"security": []}},
         "/metrics": {"get": get("ollama", "Prometheus metrics", {"text/plain": STRING}, ()) | {"security": []}},
         "/openapi.json": {"get": get("ollama", "This document", {"application/json": ANY_OBJECT})},
+        "/ui": {"get": get("ollama", "Status page: the memory ledger, models, queues and errors (HTML)", {"text/html": STRING})},
     }
 
 

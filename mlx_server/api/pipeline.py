@@ -80,7 +80,7 @@ class Completion:
                 raise event.error
             if isinstance(event, DoneEvent):
                 self.done = event
-                self.metrics.observe_generation(self.lease.name, event.prompt_tokens, event.completion_tokens, event.prompt_seconds)
+                self.metrics.observe_generation(self.lease.name, event.prompt_tokens, event.completion_tokens, event.prompt_seconds, event.cached_tokens)
             yield event
 
     def output_parser(self, tools: list[dict[str, Any]] | None) -> OutputParser:

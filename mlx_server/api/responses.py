@@ -8,8 +8,8 @@ as the Responses event sequence, each event numbered by `sequence_number`.
 
 Only `function` tools reach the prompt; hosted tools (web_search, file_search, ...)
 cannot run here, so they are left out and named in the response's `warnings`.
-Stored responses (`store`, the default) are kept in memory, bounded in count and
-age, so `previous_response_id` can continue a conversation.
+Stored responses (`store`, the default) are kept in memory, bounded in count, age
+and bytes, so `previous_response_id` can continue a conversation.
 """
 
 from __future__ import annotations
@@ -32,22 +32,32 @@ from ..prompts import THINK_LEVELS, message_list, validate_messages
 from ..structured import Constraint, json_grammar, one_constraint
 from ..tools import CONTENT, THINKING, TOOL_CALL, Piece, Reply, ToolCall, collect, function_tools, pieces, template_tool_call, tool_choice
 from .body import field, keep_alive_field, read_json, requested_model
-from .middlewares import error_body
 from .ollama import request_options
 from .pipeline import chat_spec, completion
 from .wire import LineStream
 
 STORE_SIZE = 1000  # responses kept for previous_response_id
 STORE_SECONDS = 3600.0  # ...and for at most this long
+STORE_BYTES = 128 << 20  # ...in at most this much JSON: the store lives outside the memory ledger
 REASONING_EFFORTS = ("none", "minimal", *THINK_LEVELS)
+
+
+KEPT = f"stored responses are kept in memory: the latest {STORE_SIZE}, for {STORE_SECONDS:g}s, {STORE_BYTES >> 20} MB in all"
 
 
 class ResponseNotFound(MlxServerError):
     status = 404
     kind = "invalid_request_error"
 
-    def __init__(self, response_id: str, param: str | None = None):
-        super().__init__(f"Response with id {brief(response_id)} not found (stored responses are kept in memory for {STORE_SECONDS:g}s)", param=param)
+    def __init__(self, response_id: str):
+        super().__init__(f"Response with id {brief(response_id)} not found ({KEPT})")
+
+
+class PreviousResponseNotFound(BadRequest):
+    """OpenAI answers an unknown `previous_response_id` with a 400, not a 404."""
+
+    def __init__(self, response_id: str):
+        super().__init__(f"Previous response with id {brief(response_id)} not found ({KEPT})", param="previous_response_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,37 +65,45 @@ class Stored:
     response: dict[str, Any]
     conversation: list[dict[str, Any]]  # internal messages, instructions excluded (they are not carried over)
     stored_at: float
+    size: int  # bytes of both, as JSON
 
 
 class ResponseStore:
-    """The most recent responses, by id; the oldest go first, and none outlive `ttl`."""
+    """The most recent responses, by id; the oldest go first, none outlive `ttl`, and
+    together they hold at most `max_bytes` of JSON (each request may carry megabytes)."""
 
-    def __init__(self, size: int = STORE_SIZE, ttl: float = STORE_SECONDS, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, size: int = STORE_SIZE, ttl: float = STORE_SECONDS, max_bytes: int = STORE_BYTES, clock: Callable[[], float] = time.monotonic):
         self._items: OrderedDict[str, Stored] = OrderedDict()
         self._size = size
         self._ttl = ttl
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._clock = clock
 
     def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-        self._items[response["id"]] = Stored(response, conversation, self._clock())
-        self._items.move_to_end(response["id"])
+        """Keep a new response; one larger than the whole store is not kept at all."""
+        size = len(json.dumps(response)) + len(json.dumps(conversation))
+        if size > self._max_bytes:
+            return
+        self._items[response["id"]] = Stored(response, conversation, self._clock(), size)
+        self._bytes += size
         self._expire()
 
-    def get(self, response_id: str, param: str | None = None) -> Stored:
+    def get(self, response_id: str) -> Stored:
         self._expire()
         found = self._items.get(response_id)
         if found is None:
-            raise ResponseNotFound(response_id, param)
+            raise ResponseNotFound(response_id)
         return found
 
     def delete(self, response_id: str) -> None:
-        self.get(response_id)
+        self._bytes -= self.get(response_id).size
         del self._items[response_id]
 
     def _expire(self) -> None:
         now = self._clock()
-        while self._items and (len(self._items) > self._size or now - next(iter(self._items.values())).stored_at > self._ttl):
-            self._items.popitem(last=False)
+        while self._items and (len(self._items) > self._size or self._bytes > self._max_bytes or now - next(iter(self._items.values())).stored_at > self._ttl):
+            self._bytes -= self._items.popitem(last=False)[1].size
 
 
 RESPONSES = web.AppKey("responses", ResponseStore)
@@ -225,11 +243,18 @@ class ResponseRequest:
         return ([{"role": "system", "content": self.instructions}] if self.instructions else []) + self.conversation
 
 
+def _continued(store: ResponseStore, previous_id: str) -> list[dict[str, Any]]:
+    try:
+        return store.get(previous_id).conversation
+    except ResponseNotFound:
+        raise PreviousResponseNotFound(previous_id) from None
+
+
 def parse_request(request: web.Request, body: dict[str, Any]) -> ResponseRequest:
     name, model = requested_model(request, body)
     store = request.app[RESPONSES]
     previous_id = field(body, "previous_response_id", str)
-    earlier = store.get(previous_id, "previous_response_id").conversation if previous_id else []
+    earlier = _continued(store, previous_id) if previous_id else []
     names = {c["id"]: c["function"]["name"] for m in earlier for c in m.get("tool_calls", []) if c.get("id")}
     if body.get("input") is None:
         raise BadRequest("'input' is required", param="input")
@@ -286,13 +311,15 @@ def _usage(done: DoneEvent) -> dict[str, Any]:
     }
 
 
-def response_object(response_id: str, parsed: ResponseRequest, created: int, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
+def response_object(
+    response_id: str, parsed: ResponseRequest, created: int, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None, error: dict[str, str] | None = None
+) -> dict[str, Any]:
     body = {
         "id": response_id,
         "object": "response",
         "created_at": created,
         "status": status,
-        "error": None,
+        "error": error,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "model": parsed.name,
         "output": output,
@@ -303,12 +330,12 @@ def response_object(response_id: str, parsed: ResponseRequest, created: int, sta
 
 
 def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []
+    content = [] if status == "in_progress" else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
-def _reasoning_item(item_id: str, text: str) -> dict[str, Any]:
-    return {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}] if text else []}
+def _reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}] if text else [], "status": status}
 
 
 def _call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
@@ -385,18 +412,19 @@ class OutputEvents:
             {"type": "response.content_part.added", "item_id": self.open_id, "output_index": index, "content_index": 0, "part": part},
         ]
 
-    def close(self) -> list[dict[str, Any]]:
+    def close(self, status: str = "completed") -> list[dict[str, Any]]:
+        """End the open item: `incomplete` when the response failed part-way through it."""
         if self.open is None:
             return []
         index, at = len(self.items), {"item_id": self.open_id, "output_index": len(self.items)}
         if self.open == THINKING:
-            done = _reasoning_item(self.open_id, self.text)
+            done = _reasoning_item(self.open_id, self.text, status)
             events = [
                 {"type": "response.reasoning_summary_text.done", **at, "summary_index": 0, "text": self.text},
                 {"type": "response.reasoning_summary_part.done", **at, "summary_index": 0, "part": {"type": "summary_text", "text": self.text}},
             ]
         else:
-            done = _message_item(self.open_id, self.text)
+            done = _message_item(self.open_id, self.text, status)
             events = [
                 {"type": "response.output_text.done", **at, "content_index": 0, "text": self.text, "logprobs": []},
                 {"type": "response.content_part.done", **at, "content_index": 0, "part": done["content"][0]},
@@ -462,8 +490,11 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         except MlxServerError as e:
             if not out.out.started:
                 raise
-            failed = error_body("openai", e)["error"]
-            await out.send({"type": "error", "code": failed["type"], "message": e.message, "param": e.param})
+            # What OpenAI sends: the open item ends incomplete, then response.failed (clients wait for a terminal event).
+            closing = items.close("incomplete")
+            error = {"code": "server_error" if e.status >= 500 else "invalid_prompt", "message": e.message}
+            failed = response_object(response_id, parsed, created, "failed", items.items, None, error)
+            await out.send(*closing, {"type": "response.failed", "response": failed})
         return await out.out.finish()
 
 

@@ -19,6 +19,7 @@ from ..admission import Priority
 from ..ledger import ModelMemory
 from ..manager import ModelSnapshot, ModelState
 from ..metrics import CONTENT_TYPE, LiveModel, LiveReading
+from ..reaper import PressureLevel
 from .keys import CONFIG, ENGINE, GROUPS, MANAGER, METRICS, REAPER, STARTED
 from .wire import rfc3339
 
@@ -140,7 +141,11 @@ def memory_json(m: ModelMemory) -> dict[str, int]:
         "kv_reserved_bytes": m.kv_reserved,
         "kv_measured_bytes": m.kv_measured,
         "loading_bytes": m.loading,
+        "activations_bytes": m.activations,
     }
+
+
+PRESSURE_LEVELS = {PressureLevel.NORMAL: 0, PressureLevel.WARNING: 1, PressureLevel.CRITICAL: 2}
 
 
 def live_reading(app: web.Application) -> LiveReading:
@@ -148,6 +153,7 @@ def live_reading(app: web.Application) -> LiveReading:
     manager = app[MANAGER]
     ledger = manager.ledger()
     queues = manager.queue_snapshot()
+    pressure = app[REAPER].read()
     return LiveReading(
         models=[
             LiveModel(
@@ -156,11 +162,14 @@ def live_reading(app: web.Application) -> LiveReading:
             for s in manager.snapshot()
         ],
         queue_depth={p: sum(q.total(p) for q in queues) for p in Priority},
-        system_available_bytes=app[REAPER].read().host.available,
+        system_available_bytes=pressure.host.available,
+        pressure_level=PRESSURE_LEVELS[pressure.level],
         mlx_active_bytes=ledger.mlx.active,
         mlx_cache_bytes=ledger.mlx.cache,
         reserved_bytes=ledger.reserved,
         group_ranks_up=group_ranks_up(app),
+        cache_spills=app[ENGINE].stats.cache_spills,
+        cache_drops=app[ENGINE].stats.cache_drops,
     )
 
 

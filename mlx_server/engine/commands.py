@@ -6,7 +6,7 @@ a generation answers through its job's events instead.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,12 @@ class Embed:
 
 
 @dataclass(frozen=True, slots=True)
+class ShrinkCaches:
+    nbytes: int  # what the manager is short of
+    done: Future  # -> bytes given back
+
+
+@dataclass(frozen=True, slots=True)
 class Generate:
     job: GenerationJob
 
@@ -47,14 +53,21 @@ class Stop:
     done: Future  # -> None, once every model is unloaded
 
 
-Command = Load | Unload | Embed | Generate | Stop
+Command = Load | Unload | Embed | ShrinkCaches | Generate | Stop
 
 
 def resolve(done: Future, result: Any) -> None:
-    if not done.done():
+    """Answer `done`, unless its caller went away: a client's disconnect cancels the future
+    from the event loop at any moment, so `done()` then `set_result` would race it."""
+    try:
         done.set_result(result)
+    except InvalidStateError:  # cancelled (or already answered): nobody waits for this result
+        pass
 
 
 def fail(done: Future, error: BaseException) -> None:
-    if not done.done():
+    """`resolve`'s twin for an error."""
+    try:
         done.set_exception(error)
+    except InvalidStateError:
+        pass

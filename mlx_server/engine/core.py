@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,12 @@ from ..disk_cache import DiskPromptCache, model_identity
 from ..errors import EngineDead, GenerationFailed
 from ..jobs import ErrorEvent, GenerationJob, GenerationRequest
 from . import libs
-from .commands import Command, Embed, Generate, Load, Stop, Unload, fail, resolve
-from .disk_tier import DiskTier
+from .commands import Command, Embed, Generate, Load, ShrinkCaches, Stop, Unload, fail, resolve
+from .disk_tier import DISK_MIN_TOKENS, DiskTier
 from .embedding import Embedding, embedding_body
 from .faults import FATAL, generation_error
 from .loading import Loading, advance_load, start_load
-from .memory import return_memory, tree_nbytes
+from .memory import kv_itemsize, return_memory, tree_nbytes
 from .outbox import Outbox
 from .runner import ModelRunner
 from .stats import EngineStats, LoadedWeights
@@ -51,7 +52,8 @@ class Engine:
 
     `cache_limit_bytes`: MLX's buffer-cache limit (`mx.set_cache_limit`), set on the
     thread when it starts; None leaves MLX's default. `disk_cache_gb` > 0 keeps
-    prompt caches in `disk_cache_dir` across unloads and restarts.
+    prompt caches in `disk_cache_dir` across unloads and restarts, those of at least
+    `disk_cache_min_tokens` tokens that are cheaper to read back than to prefill.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Engine:
         cache_limit_bytes: int | None = None,
         disk_cache_gb: float = 0.0,
         disk_cache_dir: Path | None = None,
+        disk_cache_min_tokens: int = DISK_MIN_TOKENS,
     ):
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._inbox_lock = threading.Lock()  # a command is queued only while the thread will take it
@@ -69,8 +72,11 @@ class Engine:
         self._cache_limit = cache_limit_bytes
         self._disk_cache_gb = disk_cache_gb if disk_cache_dir is not None else 0.0
         self._disk_cache_dir = disk_cache_dir
+        self._disk_cache_min_tokens = disk_cache_min_tokens
         self._disk: DiskPromptCache | None = None  # opened on the thread
         self._runners: dict[str, ModelRunner] = {}
+        self._cache_spills: Counter[str] = Counter()  # prompt-cache entries given back for memory, by model
+        self._cache_drops: Counter[str] = Counter()
         self._loads: list[Loading] = []
         self._embeddings: list[Embedding] = []
         self._stopping = False
@@ -123,6 +129,10 @@ class Engine:
     async def unload(self, name: str) -> int:
         """Drop a model and everything that refers to it; returns the bytes MLX freed."""
         return await asyncio.wrap_future(self._submit(lambda done: Unload(name, done)))
+
+    async def shrink_caches(self, nbytes: int) -> int:
+        """Give back up to `nbytes` of the models' prompt caches for the manager; returns the bytes freed."""
+        return await asyncio.wrap_future(self._submit(lambda done: ShrinkCaches(nbytes, done)))
 
     async def embed(self, name: str, inputs: list[list[int]]) -> list[list[float]]:
         return await asyncio.wrap_future(self._submit(lambda done: Embed(name, list(inputs), done)))
@@ -220,6 +230,8 @@ class Engine:
                 self._start_embedding(command)
             case Unload(name, done):
                 self._answer(done, lambda: self._unload(name))
+            case ShrinkCaches(nbytes, done):
+                self._answer(done, lambda: self._shrink_caches(nbytes))
             case Stop(done):
                 self._answer(done, self._stop)
 
@@ -268,10 +280,26 @@ class Engine:
         if self._disk is None:
             return None
         try:
-            return DiskTier(self._disk, model_identity(name, path, libs.lm_cache.make_prompt_cache(model)))
+            identity = model_identity(name, path, libs.lm_cache.make_prompt_cache(model))
+            return DiskTier(self._disk, identity, self._disk_cache_min_tokens)
         except OSError as e:
             log.warning("disk prompt cache off for '%s': cannot read its files: %s", name, e)
             return None
+
+    def _shrink_caches(self, nbytes: int) -> int:
+        """Free `nbytes` of prompt caches, from the model that keeps the most first."""
+        freed = 0
+        for runner in sorted(self._runners.values(), key=lambda r: r.cached_bytes(), reverse=True):
+            if freed >= nbytes:
+                break
+            shrunk = runner.shrink_cache(nbytes - freed)
+            freed += shrunk.nbytes
+            self._cache_spills[runner.name] += shrunk.spilled
+            self._cache_drops[runner.name] += shrunk.dropped
+        if freed:
+            return_memory()
+            self._publish_stats(force=True)  # the manager reads the new figures as soon as this answers
+        return freed
 
     def _save_one_prompt(self) -> None:
         for runner in self._runners.values():
@@ -313,7 +341,7 @@ class Engine:
             )
             self._runners[command.name] = runner
             self._publish_stats(force=True)
-            resolve(command.done, LoadedWeights(runner.weights_bytes, libs.lm_utils.get_total_parameters(model)))
+            resolve(command.done, LoadedWeights(runner.weights_bytes, libs.lm_utils.get_total_parameters(model), kv_itemsize(model)))
         except FATAL:
             raise
         except BaseException as e:
@@ -393,6 +421,8 @@ class Engine:
             cache_memory=mx.get_cache_memory(),
             peak_memory=mx.get_peak_memory(),
             models={r.name: r.stats() for r in self._runners.values()},
+            cache_spills=dict(self._cache_spills),
+            cache_drops=dict(self._cache_drops),
         )
 
     def _close_inbox(self, reason: str, *, dead: bool = False) -> list[Command]:

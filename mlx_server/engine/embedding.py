@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..ledger import embedding_slice
 from . import libs
 from .commands import Embed
-
-EMBED_BATCH = 16  # sequences per embedding slice; its padded tokens follow the prefill budget
 
 
 @dataclass(slots=True, eq=False)
@@ -26,22 +25,10 @@ class Embedding:
     def complete(self) -> bool:
         return len(self.vectors) == len(self.command.inputs)
 
-    def next_slice(self, budget: int) -> tuple[int, int, int]:
-        """(start, end, width) of the next inputs to embed: at most EMBED_BATCH of them,
-        their padded tokens within `budget` (at least one input)."""
-        inputs = self.command.inputs
-        start = len(self.vectors)
-        end, width = start, 0
-        while end < len(inputs) and end - start < EMBED_BATCH:
-            wider = max(width, len(inputs[end]))
-            if end > start and wider * (end - start + 1) > budget:
-                break
-            width, end = wider, end + 1
-        return start, end, width
-
     def advance(self, budget: int) -> int:
-        """Embed the next slice; returns the padded tokens it ran."""
-        start, end, width = self.next_slice(budget)
+        """Embed the next slice (sized as the ledger reserved it); returns the padded tokens it ran."""
+        start = len(self.vectors)
+        end, width = embedding_slice([len(t) for t in self.command.inputs], start, budget)
         self.vectors.extend(embed_slice(self.body, self.command.inputs[start:end], width))
         return width * (end - start)
 

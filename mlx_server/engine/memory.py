@@ -36,6 +36,20 @@ def tree_nbytes(tree: Any) -> int:
     return libs.mlx_utils.tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, tree, 0)
 
 
+def kv_itemsize(model: Any) -> int | None:
+    """Bytes per value of `model`'s KV caches, from the graph of one token through a fresh
+    cache: the dtype the model computes in, whatever config.json says (or omits).
+    Nothing is evaluated (a lazy array knows its dtype); None when no layer keeps plain keys."""
+    mx = libs.mx
+    cache = libs.lm_cache.make_prompt_cache(model)
+    try:
+        model(mx.array([[0]]), cache=cache)
+    except Exception:  # a model that needs more than tokens to run: config.json's dtype stands
+        return None
+    sizes = [c.keys.dtype.size for c in cache if isinstance(getattr(c, "keys", None), mx.array)]
+    return max(sizes, default=None)
+
+
 def cache_nbytes(cache: list | None) -> int:
     """Bytes of one sequence's KV cache (a list of per-layer caches), as they count them."""
     return sum(c.nbytes for c in cache) if cache else 0

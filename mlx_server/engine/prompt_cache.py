@@ -75,3 +75,12 @@ class PromptCache:
         self.nbytes += nbytes
         while self.entries and (self.nbytes > self.max_bytes or len(self.entries) > self.max_entries):
             self.nbytes -= self.entries.popitem(last=False)[1].nbytes
+
+    def shrink(self, nbytes: int) -> list[CachedPrompt]:
+        """Take out the least recently used entries until `nbytes` are gone or none is left;
+        returns them. (Entries are copied on fetch: none is in use by a running sequence.)"""
+        target, taken = self.nbytes - nbytes, []
+        while self.entries and self.nbytes > target:
+            taken.append(self.entries.popitem(last=False)[1])
+            self.nbytes -= taken[-1].nbytes
+        return taken

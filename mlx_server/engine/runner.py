@@ -32,7 +32,7 @@ from .prompt_cache import PromptCache
 from .sampling import GuardedProcessors, logits_processors, sampler_for
 from .sequence import LogprobRecorder, Sequence
 from .single import SingleStream
-from .stats import ModelStats
+from .stats import CacheShrunk, ModelStats
 from .stops import StopMatcher
 
 log = logging.getLogger("mlx_server.engine")
@@ -80,12 +80,35 @@ class ModelRunner:
         """Some sequence is past its prompt: prefill must leave it room."""
         return any(s.first_token_at is not None for s in (*self.in_batch.values(), *self.single))
 
+    def cached_bytes(self) -> int:
+        """Finished sequences' KV it keeps: the prompt cache, and the saves queued for the disk
+        that the prompt cache does not hold too (one too large for it, or dropped since)."""
+        if self.disk is None:
+            return self.prompt_cache.nbytes
+        kept = {id(entry.cache) for entry in self.prompt_cache.entries.values()}
+        return self.prompt_cache.nbytes + sum(save.nbytes for save in self.disk.pending if id(save.cache) not in kept)
+
+    def shrink_cache(self, nbytes: int) -> CacheShrunk:
+        """Give back up to `nbytes` of `cached_bytes`. The queued disk saves are written out
+        first, then the coldest entries go: spilled to the disk tier (their prefix is served
+        from there), or dropped where it is off or they are too short to be worth a file."""
+        before = self.cached_bytes()
+        if self.disk is not None:
+            self.disk.save_all()
+        spilled = dropped = 0
+        for entry in self.prompt_cache.shrink(nbytes - (before - self.cached_bytes())):
+            if self.disk is not None and self.disk.spill(entry.tokens.tolist(), entry.cache):
+                spilled += 1
+            else:
+                dropped += 1
+        return CacheShrunk(before - self.cached_bytes(), spilled, dropped)
+
     def stats(self) -> ModelStats:
         kv = self.batch.prompt_cache_nbytes if self.batch is not None else 0
         kv += sum(cache_nbytes(s.stream.cache) for s in self.single)
         return ModelStats(
             self.weights_bytes,
-            self.prompt_cache.nbytes,
+            self.cached_bytes(),
             len(self.in_batch) + len(self.single),
             kv,
             single_tokens=self.single_tokens,
@@ -308,7 +331,7 @@ class ModelRunner:
         try:
             self.prompt_cache.insert(tokens, cache)
             if self.disk is not None:
-                self.disk.queue(tokens, cache)
+                self.disk.queue(tokens, cache, self.prefill_rate)
         except FATAL:
             raise
         except BaseException:

@@ -10,16 +10,28 @@ One connection per request; one JSON object per line each way:
                        {"done": "stop" | "length" | "cancelled"}   or   {"error": "why"}
 
 The daemon cancels a generation by closing the connection; rank 0 notices before its
-next step. No MLX here: both sides import it.
+next step.
+
+Every rank also writes a heartbeat line to its stdout (`heartbeat_line`), which
+`mlx.launch` passes on, over ssh for a rank on another Mac, to its own stdout, which
+the daemon reads: a channel every rank has, with no port or address to find. No MLX
+here: both sides import it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..options import GenerationOptions
+
+# Each rank writes its heartbeat this often, from a thread of its own. MLX releases the GIL
+# while it computes or waits for a peer, so a rank that is busy, or blocked in a collective
+# by a hung peer, still beats; a rank that is stopped or frozen falls silent.
+HEARTBEAT_SECONDS = 1.0
+HEARTBEAT = re.compile(rb"mlx-server group heartbeat: rank (\d+)\r?\n")  # a pty (ssh -tt) adds the \r
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,10 @@ class GroupInfo:
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> GroupInfo:
         return cls(tuple(RankInfo(**r) for r in body["ranks"]))
+
+
+def heartbeat_line(rank: int) -> bytes:
+    return f"mlx-server group heartbeat: rank {rank}\n".encode()
 
 
 def encode(obj: dict[str, Any]) -> bytes:

@@ -6,11 +6,13 @@ pipeline mode: `model.model.pipeline`). Rank 0 also listens on 127.0.0.1 and spe
 `mx.distributed.all_sum` (rank 0 contributes the bytes, the others zeros), so every
 rank runs the same forward passes, and after each token it tells them whether to go
 on. While idle, rank 0 sends an empty message every second: a rank that died is
-noticed then, not at the next request.
+noticed then, not at the next request. Once loaded, every rank writes a heartbeat
+(protocol.py) by which the daemon notices a rank that is alive but hung.
 
 A rank that hits an error exits non-zero; `mlx.launch` then stops the others and the
-daemon marks the model failed. This is a separate process, not the daemon: it may
-call MLX on its main thread.
+daemon marks the model failed. A daemon killed outright leaves no group behind: the
+group's watchdog (process.py) stops it. This is a separate process, not the daemon:
+it may call MLX on its main thread.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import os
 import select
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -30,7 +34,15 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import sharded_load
 
-from .protocol import GenerateCommand, GroupInfo, RankInfo, decode, encode
+from .protocol import (
+    HEARTBEAT_SECONDS,
+    GenerateCommand,
+    GroupInfo,
+    RankInfo,
+    decode,
+    encode,
+    heartbeat_line,
+)
 
 log = logging.getLogger("mlx_server.group.rank")
 
@@ -158,21 +170,31 @@ class Connection:
         return bool(readable)
 
 
-def serve(model, eos: set[int], ranks: Ranks, info: GroupInfo, port: int, daemon_pid: int) -> None:
-    """Rank 0: answer the daemon, one request at a time; others queue in the backlog.
+def bind(port: int) -> socket.socket:
+    """Rank 0's socket for the daemon, bound before the shard loads, so that a port that
+    another process took since the daemon picked it ends the group at once, not after
+    minutes of loading. It listens once the shard is loaded: until then the daemon's
+    connections are refused."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        server.bind(("127.0.0.1", port))
+    except OSError as e:
+        server.close()
+        raise SystemExit(f"rank 0: 127.0.0.1:{port} is taken ({e.strerror}); another process took it after the daemon picked it") from None
+    return server
 
-    It exits (and `mlx.launch` stops the other ranks) once the daemon is gone, so a
-    daemon killed outright leaves no group behind.
-    """
-    server = socket.create_server(("127.0.0.1", port), backlog=128)
+
+def serve(model, eos: set[int], ranks: Ranks, info: GroupInfo, server: socket.socket) -> None:
+    """Rank 0: answer the daemon, one request at a time; others queue in the backlog."""
+    server.listen(128)
     server.settimeout(IDLE_SECONDS)
-    print(f"mlx-server group: rank 0 of {ranks.size} listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    host, port = server.getsockname()
+    print(f"mlx-server group: rank 0 of {ranks.size} listening on {host}:{port}", file=sys.stderr, flush=True)
     while True:
         try:
             sock, _ = server.accept()
         except TimeoutError:
-            if daemon_pid and not _alive(daemon_pid):
-                raise SystemExit(f"the daemon (pid {daemon_pid}) is gone; stopping the group") from None
             ranks.share(None)
             continue
         with sock:
@@ -201,16 +223,6 @@ def serve(model, eos: set[int], ranks: Ranks, info: GroupInfo, port: int, daemon
             connection.send({"done": finish})
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def follow(model, eos: set[int], ranks: Ranks) -> None:
     """Ranks 1..N-1: run whatever rank 0 sends, for ever."""
     while True:
@@ -219,18 +231,31 @@ def follow(model, eos: set[int], ranks: Ranks) -> None:
             generate(model, eos, ranks, GenerateCommand.from_json(message), lambda t: True, lambda: False)
 
 
+def heartbeat(rank: int) -> None:
+    """A thread's loop: this rank's heartbeat on stdout, for ever. A plain `os.write`, so
+    that no buffer holds it back; it ends with the rank (or once the launcher is gone)."""
+    line = heartbeat_line(rank)
+    while True:
+        os.write(sys.stdout.fileno(), line)
+        time.sleep(HEARTBEAT_SECONDS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_server.group.rank", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="the model directory (the same path on every host)")
     parser.add_argument("--mode", choices=("tensor", "pipeline"), default="tensor")
     parser.add_argument("--backend", default="ring")
     parser.add_argument("--port", type=int, required=True, help="rank 0 listens on 127.0.0.1:PORT")
-    parser.add_argument("--daemon-pid", type=int, default=0, help="rank 0 exits when this process is gone")
+    # --name and --daemon-pid mark the command line: by them a daemon finds what one now gone left of a group.
+    parser.add_argument("--name", default="", help="the model's name in models.yaml")
+    parser.add_argument("--daemon-pid", type=int, default=0, help="the daemon that launched this group")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank %(process)d %(levelname)s %(message)s")
 
     group = mx.distributed.init(strict=True, backend=args.backend)
     ranks = Ranks(group)
+    server = bind(args.port) if ranks.rank == 0 else None
+    log.info("rank %d of %d: loading its shard of '%s' (%s)", ranks.rank, ranks.size, args.name, args.mode)
     if args.mode == "tensor":
         model, tokenizer = sharded_load(args.model, tensor_group=group)
     else:
@@ -239,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     info = ranks.gather_info(shard_bytes)
     eos = set(tokenizer.eos_token_ids)
     log.info("rank %d of %d loaded its shard (%.1f MB)", ranks.rank, ranks.size, shard_bytes / 1e6)
-    if ranks.rank == 0:
-        serve(model, eos, ranks, info, args.port, args.daemon_pid)
+    threading.Thread(target=heartbeat, args=(ranks.rank,), name="heartbeat", daemon=True).start()
+    if server is not None:
+        serve(model, eos, ranks, info, server)
     else:
         follow(model, eos, ranks)
     return 0
