@@ -54,7 +54,7 @@ async def test_openai_chat_tool_choice_forces_a_call(client, choice, name):
 
 
 async def test_openai_chat_streams_the_forced_call(client):
-    body = {"model": "demo", "messages": USER, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 60, "stream": True}
+    body = {"model": "demo", "messages": USER, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 60, "stream": True, "temperature": 0}
     r = await client.post("/v1/chat/completions", json=body)
     chunks = [json.loads(line[6:]) for line in (await r.text()).splitlines() if line.startswith("data: {")]
     calls = [c for chunk in chunks for c in chunk["choices"][0]["delta"].get("tool_calls", [])]
@@ -65,7 +65,7 @@ async def test_openai_chat_streams_the_forced_call(client):
 @pytest.mark.parametrize("choice", [{"type": "any"}, {"type": "tool", "name": "get_weather"}])
 async def test_anthropic_tool_choice_forces_a_tool_use_block(client, choice):
     tools = [{"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}, {"name": "noop", "input_schema": {"type": "object"}}]
-    body = {"model": "demo", "max_tokens": 60, "messages": USER, "tools": tools, "tool_choice": choice}
+    body = {"model": "demo", "max_tokens": 60, "messages": USER, "tools": tools, "tool_choice": choice, "temperature": 0}
     r = await client.post("/v1/messages", json=body)
     assert r.status == 200, await r.text()
     message = await r.json()
