@@ -239,7 +239,7 @@ def test_litellm_ollama_chat_and_openai(live):
     messages = [{"role": "user", "content": "Hi"}]
     ollama = litellm.completion(model="ollama_chat/demo", api_base=live.url, messages=messages, max_tokens=5)
     assert ollama.choices[0].message.content and ollama.usage.completion_tokens == 5
-    oai = litellm.completion(model="openai/demo", api_base=live.url + "/v1", api_key="sk-local", messages=messages, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=100)
+    oai = litellm.completion(model="openai/demo", api_base=live.url + "/v1", api_key="sk-local", messages=messages, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=100, temperature=0)
     (call,) = oai.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and oai.choices[0].finish_reason == "tool_calls"
 

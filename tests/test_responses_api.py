@@ -63,17 +63,17 @@ def test_items_instructions_and_roles_reach_the_prompt(client):
 
 
 def test_tool_choice_required_makes_a_function_call(client):
-    r = client.responses.create(model="demo", input="Weather in Paris?", tools=[WEATHER], tool_choice="required", max_output_tokens=60)
+    r = client.responses.create(model="demo", input="Weather in Paris?", tools=[WEATHER], tool_choice="required", max_output_tokens=60, temperature=0)
     (call,) = [item for item in r.output if item.type == "function_call"]
     assert call.name == "get_weather" and call.call_id.startswith("call_") and r.status == "completed"
     assert isinstance(json.loads(call.arguments)["city"], str)
-    named = client.responses.create(model="demo", input="x", tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60)
+    named = client.responses.create(model="demo", input="x", tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60, temperature=0)
     assert [item.type for item in named.output] == ["function_call"]
 
 
 def test_json_schema_output_parses(client):
     text = {"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}}
-    r = client.responses.create(model="demo", input="Answer", text=text, max_output_tokens=40, reasoning={"effort": "low"}, include=["reasoning.encrypted_content"])
+    r = client.responses.create(model="demo", input="Answer", text=text, max_output_tokens=40, temperature=0, reasoning={"effort": "low"}, include=["reasoning.encrypted_content"])
     value = json.loads(r.output_text)
     assert set(value) == {"answer", "ok"} and isinstance(value["answer"], int) and isinstance(value["ok"], bool)
 
@@ -112,13 +112,13 @@ def test_stream_event_sequence(client):
     final = events[-1].response
     assert final.output_text == text and final.usage.output_tokens == 6 and final.status == "incomplete"
     text_format = {"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}}
-    with client.responses.stream(model="demo", input="Answer", text=text_format, max_output_tokens=100) as stream:
+    with client.responses.stream(model="demo", input="Answer", text=text_format, max_output_tokens=100, temperature=0) as stream:
         done = stream.get_final_response()  # needs response.completed: the grammar ends the answer
     assert set(json.loads(done.output_text)) == {"answer", "ok"} and done.status == "completed"
 
 
 def test_streamed_function_call(client):
-    with client.responses.stream(model="demo", input="Weather?", tools=[WEATHER], tool_choice="required", max_output_tokens=60) as stream:
+    with client.responses.stream(model="demo", input="Weather?", tools=[WEATHER], tool_choice="required", max_output_tokens=60, temperature=0) as stream:
         events = list(stream)
         final = stream.get_final_response()
     kinds = [e.type for e in events]
