@@ -632,11 +632,15 @@ class Manager:
             await self._load_turn.acquire()
         self._loading = record
 
+    def _load_short(self, record: _Record) -> int:
+        """Bytes missing under the ceiling for `record`'s weights beside every other resident model."""
+        others = sum(self._memory_of(r) for r in self._records.values() if r.resident and r is not record)
+        return others + record.size - self._ceiling()
+
     def _fits(self, record: _Record) -> bool:
-        others = [r for r in self._records.values() if r.resident and r is not record]
-        used = sum(self._memory_of(r) for r in others) + record.size
         limit = self.config.memory.max_loaded_models
-        return used <= self._ceiling() and (limit == 0 or len(others) < limit)
+        resident = sum(1 for r in self._records.values() if r.resident and r is not record)
+        return self._load_short(record) <= 0 and (limit == 0 or resident < limit)
 
     def _used(self) -> int:
         """Everything the ledger holds: what the next load or reservation must fit beside."""
@@ -659,11 +663,9 @@ class Manager:
                 retry_after=10.0,
             )
 
-        def short() -> int:
-            others = sum(self._memory_of(r) for r in self._records.values() if r.resident and r is not record)
-            return others + record.size - self._ceiling()
-
-        await self._wait_for_room(lambda: self._fits(record), short, _MemoryWaiter(record, ticket, holds=False), refusal)
+        await self._wait_for_room(
+            lambda: self._fits(record), lambda: self._load_short(record), _MemoryWaiter(record, ticket, holds=False), refusal
+        )
 
     async def _make_room(self, need: Callable[[], int], record: _Record, ticket: _Ticket, what: str) -> None:
         """Return once `need()` more bytes fit under the ceiling beside everything held now;
