@@ -9,8 +9,9 @@ the engine does for local models. `DispatchBackend` picks it or the engine's
 backend per model.
 
 A rank that dies, or hangs (its heartbeat stops: process.py), fails the group's
-running requests with the reason, stops the rest of the group, and tells the manager (`on_failure`), which marks the model
-failed; the next request after the back-off launches a new group.
+running requests with the reason, stops the rest of the group, and tells the manager
+(`on_failure`), which marks the model failed; the next request after the back-off
+launches a new group.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ hangup when those close). Stopping the group signals that process group and the
 group's processes as psutil saw them (a rank started over ssh is outside it), then
 waits until they are gone. A watcher notices a rank or the launcher dying, or a rank
 whose heartbeat stopped (a stopped process, a hang that holds the GIL, a Mac asleep or
-cut off), and reports it once, unless the group is being stopped on purpose; a hung group is then stopped as
-a dead one is.
+cut off), and reports it once, unless the group is being stopped on purpose; a hung
+group is then stopped as a dead one is.
 
 The launcher's stdout, where every rank's heartbeat arrives (protocol.py), comes to the
 daemon through a pipe and goes on to the group's log less the heartbeats; its stderr,
